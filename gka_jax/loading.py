@@ -1,0 +1,109 @@
+"""``gka_jax.load``: a Hugging Face checkpoint folder -> a runnable ``Model``.
+
+Tensors are read one at a time, checked against the parameter table (names and shapes), converted to our
+layout and dtype, and placed on their devices (with their NamedSharding when a mesh is given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import sharding as shd
+from .config import ModelConfig
+from .hf_checkpoint import CheckpointError, HFCheckpoint
+from .params import IGNORED_HF_SUFFIXES, abstract_model, param_table, to_ours, unflatten_into
+from .runtime import Model
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype, cfg: ModelConfig | None = None):
+    """A jnp dtype from a name, a dtype, or None (the checkpoint's own dtype)."""
+    if dtype is None:
+        dtype = cfg.dtype if cfg is not None else "bfloat16"
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
+        return jnp.dtype(_DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def check_names(cfg: ModelConfig, table, present: set[str]) -> None:
+    """Raise CheckpointError for missing or unexpected tensors, naming them."""
+    expected = {e.hf_name for e in table}
+    missing = sorted(expected - present)
+    unexpected = sorted(n for n in present - expected
+                        if not n.endswith(IGNORED_HF_SUFFIXES)
+                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if missing:
+        raise CheckpointError(f"missing tensor{'s' if len(missing) > 1 else ''}: {', '.join(missing[:10])}"
+                              + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor{'s' if len(unexpected) > 1 else ''} (not in this config): "
+                              f"{', '.join(unexpected[:10])}"
+                              + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+
+
+def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, mesh=None, precision=None,
+         backend: str | None = None) -> Model:
+    """Load a hybrid GKA checkpoint folder in Hugging Face layout.
+
+    path: folder with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+    dtype: parameter/activation dtype ("bfloat16", "float32", a jnp dtype, or None for the checkpoint's).
+    num_iter: default Chebyshev iterations for this model (None: the config's ``gka_config.num_iter``).
+    mesh: a ``jax.sharding.Mesh`` with axes ("dp", "tp") to shard parameters on (see ``gka_jax.make_mesh``).
+    precision: matmul precision (default: HIGHEST for float32, DEFAULT otherwise).
+    Raises ``ConfigError`` / ``CheckpointError`` naming the problem.
+    """
+    path = os.fspath(path)
+    cfg = ModelConfig.from_file(path)
+    if num_iter is not None:
+        cfg = dataclasses.replace(cfg, gka=dataclasses.replace(cfg.gka, num_iter=num_iter))
+    dtype = resolve_dtype(dtype, cfg)
+    checkpoint = HFCheckpoint(path)
+    table = param_table(cfg, dtype)
+    check_names(cfg, table, set(checkpoint.names()))
+
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, precision))
+    shardings = None if mesh is None else shd.param_shardings(abstract_state, mesh)
+    arrays = {}
+    for entry in table:
+        found = checkpoint.shape(entry.hf_name)
+        if found != entry.hf_shape:
+            raise CheckpointError(f"tensor {entry.hf_name} has shape {list(found)}, expected "
+                                  f"{list(entry.hf_shape)} from config.json")
+        host = to_ours(entry.kind, checkpoint.read(entry.hf_name), entry.shape)
+        host = np.asarray(host).astype(dtype)
+        target = None if shardings is None else _leaf_at(shardings, entry.path)
+        arrays[entry.path] = jax.device_put(host, target)
+    params = unflatten_into(abstract_state, arrays)
+    return Model(cfg, graphdef, params, mesh=mesh, num_iter=num_iter, backend=backend)
+
+
+def _leaf_at(state, path):
+    node = state
+    for key in path:
+        node = node[key]
+    return node.value if isinstance(node, nnx.Variable) else node
+
+
+def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, mesh=None, precision=None,
+                 backend: str | None = None) -> Model:
+    """A model with random weights (for benchmarks and tests), created directly on its devices."""
+    dtype = resolve_dtype(dtype)
+    from .model import HybridQwen3
+
+    def build():
+        return nnx.split(HybridQwen3(cfg, dtype, precision, rngs=nnx.Rngs(seed)))[1]
+
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, precision))
+    out_shardings = None if mesh is None else shd.param_shardings(abstract_state, mesh)
+    params = jax.jit(build, out_shardings=out_shardings)()
+    return Model(cfg, graphdef, params, mesh=mesh, backend=backend)
