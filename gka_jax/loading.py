@@ -91,7 +91,7 @@ def _leaf_at(state, path):
     node = state
     for key in path:
         node = node[key]
-    return node.value if isinstance(node, nnx.Variable) else node
+    return node.get_value() if isinstance(node, nnx.Variable) else node
 
 
 def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, mesh=None, precision=None,

@@ -141,7 +141,7 @@ def param_table(cfg: ModelConfig, dtype=jnp.bfloat16) -> list[ParamEntry]:
     entries = []
     for path, var in _flat_variables(state):
         name, kind = _hf_name(cfg, path)
-        entries.append(ParamEntry(path, name, kind, tuple(var.value.shape), tuple(var.get_metadata()["axes"])))
+        entries.append(ParamEntry(path, name, kind, tuple(var.get_value().shape), tuple(var.get_metadata()["axes"])))
     return entries
 
 
@@ -153,7 +153,7 @@ def _flat_variables(state):
 
 def flat_params(state) -> dict[Path, jax.Array]:
     """{path: array} of an NNX state."""
-    return {path: var.value for path, var in _flat_variables(state)}
+    return {path: var.get_value() for path, var in _flat_variables(state)}
 
 
 def unflatten_into(state, arrays: dict[Path, jax.Array]):
@@ -162,3 +162,18 @@ def unflatten_into(state, arrays: dict[Path, jax.Array]):
         path = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
         return var.replace(arrays[path])
     return jax.tree_util.tree_map_with_path(replace, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def gka_layer_from_hf(cfg: ModelConfig, hf_params: dict, dtype=jnp.float32, precision=None):
+    """A standalone GKA layer module from HF-named tensors of one layer (``q_proj.weight``, ``A_log`` ...)."""
+    from .gka import GKA
+    from .model import default_precision
+
+    precision = default_precision(dtype) if precision is None else precision
+    layer = nnx.eval_shape(lambda: GKA(cfg, dtype, precision, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(layer)
+    arrays = {}
+    for path, var in _flat_variables(state):
+        name, kind = _GKA[path[-1]]
+        arrays[path] = jnp.asarray(to_ours(kind, np.asarray(hf_params[name]), var.get_value().shape), dtype)
+    return nnx.merge(graphdef, unflatten_into(state, arrays))

@@ -83,7 +83,7 @@ def param_shardings(abstract_state, mesh: Mesh, rules=RULES):
     from flax import nnx
 
     def one(var):
-        return var.replace(named_sharding(var.get_metadata()["axes"], var.value.shape, mesh, rules))
+        return var.replace(named_sharding(var.get_metadata()["axes"], var.get_value().shape, mesh, rules))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -62,3 +62,77 @@ def gka_core_fp64(q, k, v, beta, g, alpha, h_kk=None, h_kv=None, *, num_iter, ri
                 q_mixed_all[bi, ti, hi] = qm
                 o[bi, ti, hi] = scale * h_kv[bi, hi].T @ qm
     return {"o": o, "x": x_all, "q_mixed": q_mixed_all, "h_kk": h_kk, "h_kv": h_kv}
+
+
+# ----------------------------------------------------------------------------- whole layer
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _softplus(x):
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+
+
+def gka_layer_fp64(params: dict, hidden: np.ndarray, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                   num_iter: int, decode_hidden: np.ndarray | None = None, ridge_strength: float = 0.02,
+                   norm_eps: float = 1e-6, use_gate: bool = True, use_beta_gate: bool = True,
+                   use_alpha_connection: bool = True, use_v_conv: bool = True, use_forgetting_gate: bool = True,
+                   use_forgetting_gate_kk: bool = True, gla_rescale: bool = True) -> dict:
+    """The whole GKA layer in float64 from HF-named parameters (``q_proj.weight`` [out, in], ...).
+
+    hidden [B, T, E] is processed token by token; ``decode_hidden`` [B, S, E] continues the same sequence.
+    Returns float64 arrays over all T (+S) tokens: out, q, k, v (expanded, beta applied), alpha, g, beta, x,
+    o_gla, and the final states h_kk, h_kv and raw conv windows conv_q/k/v [B, C, W] (reference layout).
+    """
+    p = {name: np.asarray(value, np.float64) for name, value in params.items()}
+    x = np.asarray(hidden, np.float64)
+    if decode_hidden is not None:
+        x = np.concatenate([x, np.asarray(decode_hidden, np.float64)], axis=1)
+    b, t, _ = x.shape
+    d = head_dim
+
+    def conv(raw, weight):  # raw [B, T, C], weight [C, 1, W]
+        w = weight.shape[-1]
+        padded = np.concatenate([np.zeros((b, w - 1, raw.shape[-1])), raw], axis=1)
+        y = sum(weight[:, 0, j] * padded[:, j: j + t] for j in range(w))
+        window = np.concatenate([np.zeros((b, w, raw.shape[-1])), raw], axis=1)[:, -w:]
+        return _silu(y), np.transpose(window, (0, 2, 1))
+
+    raw_q, raw_k, raw_v = x @ p["q_proj.weight"].T, x @ p["k_proj.weight"].T, x @ p["v_proj.weight"].T
+    q, conv_q = conv(raw_q, p["q_conv1d.weight"])
+    k, conv_k = conv(raw_k, p["k_conv1d.weight"])
+    if use_v_conv:
+        v, conv_v = conv(raw_v, p["v_conv1d.weight"])
+    else:
+        v, conv_v = raw_v, None
+    q = q.reshape(b, t, num_heads, d)
+    k = k.reshape(b, t, num_kv_heads, d)
+    v = v.reshape(b, t, num_kv_heads, d)
+    q = q / (np.linalg.norm(q, axis=-1, keepdims=True) + 1e-6)
+    k = k / (np.linalg.norm(k, axis=-1, keepdims=True) + 1e-6)
+    beta = _sigmoid(x @ p["b_proj.weight"].T + p["b_proj.bias"]) if use_beta_gate else None
+    alpha = _sigmoid(x @ p["alpha_proj.weight"].T + p["alpha_proj.bias"]) if use_alpha_connection else None
+    if use_forgetting_gate:
+        g = -np.exp(p["A_log"]) * _softplus(x @ p["a_proj.weight"].T + p["dt_bias"])
+    else:
+        g = np.zeros((b, t, num_heads))
+    g_kk = g if use_forgetting_gate_kk else np.zeros_like(g)
+    beta_eps = None if beta is None else beta + 1e-6
+    core = gka_core_fp64(q, k, v, beta_eps, g, alpha, num_iter=num_iter, ridge_strength=ridge_strength,
+                         scale=d ** -0.5 if gla_rescale else 1.0, g_kk=g_kk)
+    o = core["o"]
+    normed = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + norm_eps) * p["o_norm.weight"]
+    if use_gate:
+        normed = normed * _silu((x @ p["g_proj.weight"].T).reshape(b, t, num_heads, d))
+    out = normed.reshape(b, t, num_heads * d) @ p["o_proj.weight"].T
+    group = num_heads // num_kv_heads
+    scale_kv = 1.0 if beta_eps is None else beta_eps[..., None]
+    return {
+        "out": out, "q": q, "k": np.repeat(k, group, axis=2) * scale_kv, "v": np.repeat(v, group, axis=2) * scale_kv,
+        "alpha": alpha, "g": g, "beta": beta, "x": core["x"], "o_gla": o,
+        "h_kk": core["h_kk"], "h_kv": core["h_kv"], "conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v,
+    }
