@@ -9,6 +9,7 @@ from flax import nnx
 from .cache import AttentionCache
 from .config import ModelConfig
 from .layers import param, rms_norm
+from .numerics import acc_dtype
 from .rope import apply_rope, rope_cos_sin
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -23,11 +24,11 @@ def attention_core(q, k, v, mask, precision):
     num_kv = k.shape[2]
     q = q.reshape(b, t, num_kv, num_heads // num_kv, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=precision,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
+                        preferred_element_type=acc_dtype(q.dtype)) * (d ** -0.5)
     logits = jnp.where(mask[:, None, None], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=acc_dtype(v.dtype))
     return out.reshape(b, t, num_heads, d).astype(q.dtype)
 
 

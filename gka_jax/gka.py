@@ -24,6 +24,7 @@ from . import kernels
 from .cache import GKACache
 from .config import ModelConfig
 from .layers import param
+from .numerics import acc_dtype, upcast
 
 L2_EPS = 1e-6
 BETA_EPS = 1e-6
@@ -40,7 +41,7 @@ def causal_conv(raw, conv_state, weight, valid_count):
     w = weight.shape[0]
     t = raw.shape[1]
     ext = jnp.concatenate([conv_state.astype(raw.dtype), raw], axis=1)   # [B, W + T, *C]
-    y = sum(weight[j].astype(jnp.float32) * ext[:, j + 1: j + 1 + t].astype(jnp.float32) for j in range(w))
+    y = sum(upcast(weight[j]) * upcast(ext[:, j + 1: j + 1 + t]) for j in range(w))
     # The last W real inputs: ext[n : n + W] for n real tokens of this call.
     new_state = jax.vmap(lambda e, n: jax.lax.dynamic_slice_in_dim(e, n, w, axis=0))(ext, valid_count)
     return y.astype(raw.dtype), new_state.astype(conv_state.dtype)
@@ -48,7 +49,7 @@ def causal_conv(raw, conv_state, weight, valid_count):
 
 def l2_normalize(x):
     """x / (||x|| + 1e-6) over the last axis, computed in float32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
+    x32 = upcast(x)
     return (x32 / (jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True)) + L2_EPS)).astype(x.dtype)
 
 
@@ -131,13 +132,13 @@ class GKA(nnx.Module):
         def gate(proj, bias):
             return jax.nn.sigmoid(jnp.einsum("bte,eh->bth", x, proj, precision=p) + bias)
 
-        beta = gate(self.b_proj[...], self.b_bias[...]).astype(jnp.float32) + BETA_EPS if gc.use_beta_gate else None
+        beta = upcast(gate(self.b_proj[...], self.b_bias[...])) + BETA_EPS if gc.use_beta_gate else None
         alpha = gate(self.alpha_proj[...], self.alpha_bias[...]) if gc.use_alpha_connection else None
         if gc.use_forgetting_gate:
-            a = jnp.einsum("bte,eh->bth", x, self.a_proj[...], precision=p).astype(jnp.float32)
-            g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a + self.dt_bias[...].astype(jnp.float32))
+            a = upcast(jnp.einsum("bte,eh->bth", x, self.a_proj[...], precision=p))
+            g = -jnp.exp(upcast(self.A_log[...])) * jax.nn.softplus(a + upcast(self.dt_bias[...]))
         else:
-            g = jnp.zeros(x.shape[:2] + (cfg.num_heads,), jnp.float32)
+            g = jnp.zeros(x.shape[:2] + (cfg.num_heads,), acc_dtype(x.dtype))
         g_kk = None if gc.use_forgetting_gate_kk else jnp.zeros_like(g)
         # Padding changes no state: no key, no value, no decay.
         g = jnp.where(valid[..., None], g, 0.0)
@@ -149,11 +150,11 @@ class GKA(nnx.Module):
     def output(self, x, o):
         """Gated RMSNorm over D (weight shared by heads) and the output projection.  o [B, T, H, D]."""
         gc, p = self.cfg.gka, self.precision
-        o32 = o.astype(jnp.float32)
+        o32 = upcast(o)
         normed = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + gc.norm_eps)
-        normed = normed * self.o_norm[...].astype(jnp.float32)
+        normed = normed * upcast(self.o_norm[...])
         if gc.use_gate:
-            gate = jnp.einsum("bte,ehd->bthd", x, self.g_proj[...], precision=p).astype(jnp.float32)
+            gate = upcast(jnp.einsum("bte,ehd->bthd", x, self.g_proj[...], precision=p))
             normed = normed * jax.nn.silu(gate)
         return jnp.einsum("bthd,hde->bte", normed.astype(x.dtype), self.o_proj[...], precision=p)
 
@@ -191,6 +192,6 @@ class GKA(nnx.Module):
         inter = dict(q=f["q"], alpha=f["alpha"], beta=f["beta"], g=f["g"], x=x_sol, o_gla=o)
         group = cfg.num_heads // f["k"].shape[2]
         b = 1.0 if f["beta"] is None else f["beta"][..., None]
-        inter["k"] = jnp.repeat(f["k"].astype(jnp.float32), group, axis=2) * b
-        inter["v"] = jnp.repeat(f["v"].astype(jnp.float32), group, axis=2) * b
+        inter["k"] = jnp.repeat(upcast(f["k"]), group, axis=2) * b
+        inter["v"] = jnp.repeat(upcast(f["v"]), group, axis=2) * b
         return y, new_cache, inter

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .numerics import acc_dtype, upcast
+
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", fan_in: int | None = None) -> nnx.Param:
     """A parameter of ``shape`` with logical ``axes``; ``init`` is 'normal' (std 1/sqrt(fan_in)), 'ones',
@@ -34,7 +36,7 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", fan_in: int 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """HF Qwen3 RMSNorm: normalise in float32, cast back to x's dtype, then scale by the weight."""
-    x32 = x.astype(jnp.float32)
+    x32 = upcast(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
 
@@ -73,4 +75,4 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array, precision) -> jax.Array:  # tied lm_head: [B, T, E] -> [B, T, V]
         return jnp.einsum("bte,ve->btv", x, self.embedding[...], precision=precision,
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=acc_dtype(x.dtype))

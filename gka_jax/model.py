@@ -16,6 +16,7 @@ from .cache import Cache
 from .config import ATTENTION, ModelConfig
 from .gka import GKA
 from .layers import MLP, Embedding, RMSNorm, param
+from .numerics import acc_dtype
 
 
 def default_precision(dtype) -> jax.lax.Precision:
@@ -87,5 +88,5 @@ class HybridQwen3(nnx.Module):
             logits = self.embed.attend(h, self.precision)
         else:
             logits = jnp.einsum("bte,ev->btv", h, self.lm_head[...], precision=self.precision,
-                                preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), Cache(tuple(new_layers), cache.lengths + count)
+                                preferred_element_type=acc_dtype(h.dtype))
+        return logits.astype(acc_dtype(logits.dtype)), Cache(tuple(new_layers), cache.lengths + count)

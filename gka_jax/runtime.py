@@ -52,6 +52,16 @@ class Model:
         """The NNX module (parameters only), e.g. for fine-tuning with ``nnx`` transforms."""
         return nnx.merge(self.graphdef, self.params)
 
+    def astype(self, dtype) -> "Model":
+        """The same model with parameters cast to ``dtype`` (float64 needs ``jax.enable_x64``)."""
+        params = jax.tree.map(lambda x: x.astype(dtype), self.params)
+        return dataclasses.replace(self, params=params)
+
+    def shard(self, mesh: jax.sharding.Mesh) -> "Model":
+        """The same model with every parameter placed by the sharding rules on ``mesh``."""
+        shardings = shd.param_shardings(self.params, mesh)
+        return dataclasses.replace(self, params=jax.device_put(self.params, shardings), mesh=mesh)
+
     def _num_iter(self, num_iter):
         n = self.num_iter if num_iter is None else num_iter
         n = self.config.gka.num_iter if n is None else n

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ..numerics import upcast
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -49,10 +51,10 @@ def expand_heads(k: jax.Array, v: jax.Array, beta: jax.Array | None, num_heads: 
     -> k, v [B, T, H, *] in float32.
     """
     group = num_heads // k.shape[2]
-    k = jnp.repeat(k.astype(jnp.float32), group, axis=2)
-    v = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+    k = jnp.repeat(upcast(k), group, axis=2)
+    v = jnp.repeat(upcast(v), group, axis=2)
     if beta is not None:
-        b = beta.astype(jnp.float32)[..., None]
+        b = upcast(beta)[..., None]
         k, v = k * b, v * b
     return k, v
 
@@ -90,14 +92,14 @@ def _linear_state_pass(keys, values, g, init, *, chunk_size, method, precision):
     keys [B, T, H, D], values [B, T, H, E], g [B, T, H], init [B, H, D, E]
     -> (starts [B, H, N, D, E], final [B, H, D, E]) in float32.
     """
-    kc = _to_chunks(keys.astype(jnp.float32), chunk_size)     # [B, H, N, C, D]
-    vc = _to_chunks(values.astype(jnp.float32), chunk_size)   # [B, H, N, C, E]
-    gcum = jnp.cumsum(_to_chunks(g.astype(jnp.float32), chunk_size), axis=-1)  # [B, H, N, C]
+    kc = _to_chunks(upcast(keys), chunk_size)     # [B, H, N, C, D]
+    vc = _to_chunks(upcast(values), chunk_size)   # [B, H, N, C, E]
+    gcum = jnp.cumsum(_to_chunks(upcast(g), chunk_size), axis=-1)  # [B, H, N, C]
     g_last = gcum[..., -1]                                     # [B, H, N]
     weight = jnp.exp(g_last[..., None] - gcum)                 # [B, H, N, C]
     update = jnp.einsum("bhncd,bhnce->bhnde", kc * weight[..., None], vc, precision=precision)
     decay = jnp.exp(g_last)                                    # [B, H, N]
-    init = init.astype(jnp.float32)
+    init = upcast(init)
 
     if method == "associative":
         def combine(left, right):
@@ -134,7 +136,7 @@ def chunk_state_pass(k, v, g, h_kk0, h_kv0, *, g_kk=None, chunk_size=64, method=
     d = k.shape[-1]
     kwargs = dict(chunk_size=chunk_size, method=method, precision=precision)
     if g_kk is None:
-        values = jnp.concatenate([k.astype(jnp.float32), v.astype(jnp.float32)], axis=-1)
+        values = jnp.concatenate([upcast(k), upcast(v)], axis=-1)
         init = jnp.concatenate([h_kk0, h_kv0], axis=-1)
         starts, final = _linear_state_pass(k, values, g, init, **kwargs)
         return starts[..., :d], starts[..., d:], final[..., :d], final[..., d:]
@@ -151,12 +153,12 @@ def chebyshev_chunked(q, k, g, h_kk_starts, *, num_iter, ridge_strength, chunk_s
     Returns x [B, T, H, D] float32.
     """
     t = q.shape[1]
-    qc = _to_chunks(q.astype(jnp.float32), chunk_size)      # [B, H, N, C, D]
-    kc = _to_chunks(k.astype(jnp.float32), chunk_size)
-    gcum = jnp.cumsum(_to_chunks(g.astype(jnp.float32), chunk_size), axis=-1)  # [B, H, N, C]
+    qc = _to_chunks(upcast(q), chunk_size)      # [B, H, N, C, D]
+    kc = _to_chunks(upcast(k), chunk_size)
+    gcum = jnp.cumsum(_to_chunks(upcast(g), chunk_size), axis=-1)  # [B, H, N, C]
     mask = _decay_mask(gcum)                                  # [B, H, N, C, C]
     start_decay = jnp.exp(gcum)                               # [B, H, N, C]
-    h0 = h_kk_starts.astype(jnp.float32)
+    h0 = upcast(h_kk_starts)
 
     # ||H_t||_F^2 from the chunk-start state and the chunk's keys.
     h0_sq = jnp.sum(h0 * h0, axis=(-2, -1))                   # [B, H, N]
@@ -208,12 +210,12 @@ def _chebyshev(apply_h, q, fro, *, num_iter, ridge_strength):
 def gla_chunked(q, k, v, g, h_kv_starts, *, scale, chunk_size=64, precision=HIGHEST):
     """o_t = scale * S_t^T q_t, chunk-parallel.  q, k [B, T, H, D]; v [B, T, H, Dv]; -> [B, T, H, Dv] f32."""
     t = q.shape[1]
-    qc = _to_chunks(q.astype(jnp.float32), chunk_size)
-    kc = _to_chunks(k.astype(jnp.float32), chunk_size)
-    vc = _to_chunks(v.astype(jnp.float32), chunk_size)
-    gcum = jnp.cumsum(_to_chunks(g.astype(jnp.float32), chunk_size), axis=-1)
+    qc = _to_chunks(upcast(q), chunk_size)
+    kc = _to_chunks(upcast(k), chunk_size)
+    vc = _to_chunks(upcast(v), chunk_size)
+    gcum = jnp.cumsum(_to_chunks(upcast(g), chunk_size), axis=-1)
     mask = _decay_mask(gcum)
-    inter = jnp.einsum("bhncd,bhnde->bhnce", qc, h_kv_starts.astype(jnp.float32), precision=precision)
+    inter = jnp.einsum("bhncd,bhnde->bhnce", qc, upcast(h_kv_starts), precision=precision)
     inter = inter * jnp.exp(gcum)[..., None]
     scores = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc, precision=precision) * mask
     intra = jnp.einsum("bhncs,bhnse->bhnce", scores, vc, precision=precision)
@@ -235,11 +237,11 @@ def gka_prefill(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength
     k, v = expand_heads(k, v, beta, num_heads)
     kk_starts, kv_starts, h_kk_final, h_kv_final = chunk_state_pass(
         k, v, g, h_kk, h_kv, g_kk=g_kk, chunk_size=chunk_size, method=state_pass, precision=precision)
-    q32 = q.astype(jnp.float32)
+    q32 = upcast(q)
     if num_iter > 0:
         x = chebyshev_chunked(q32, k, g if g_kk is None else g_kk, kk_starts, num_iter=num_iter,
                               ridge_strength=ridge_strength, chunk_size=chunk_size, precision=precision)
-        q_mixed = x if alpha is None else q32 + alpha.astype(jnp.float32)[..., None] * (x - q32)
+        q_mixed = x if alpha is None else q32 + upcast(alpha)[..., None] * (x - q32)
     else:
         x = q32
         q_mixed = q32
@@ -256,11 +258,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     num_heads = q.shape[1]
     k, v = expand_heads(k[:, None], v[:, None], None if beta is None else beta[:, None], num_heads)
     k, v = k[:, 0], v[:, 0]                                   # [B, H, D], [B, H, Dv]
-    g = g.astype(jnp.float32)
-    g_kk = g if g_kk is None else g_kk.astype(jnp.float32)
-    h_kk = jnp.exp(g_kk)[..., None, None] * h_kk.astype(jnp.float32) + k[..., :, None] * k[..., None, :]
-    h_kv = jnp.exp(g)[..., None, None] * h_kv.astype(jnp.float32) + k[..., :, None] * v[..., None, :]
-    q32 = q.astype(jnp.float32)
+    g = upcast(g)
+    g_kk = g if g_kk is None else upcast(g_kk)
+    h_kk = jnp.exp(g_kk)[..., None, None] * upcast(h_kk) + k[..., :, None] * k[..., None, :]
+    h_kv = jnp.exp(g)[..., None, None] * upcast(h_kv) + k[..., :, None] * v[..., None, :]
+    q32 = upcast(q)
     if num_iter > 0:
         fro = jnp.sqrt(jnp.sum(h_kk * h_kk, axis=(-2, -1)))   # [B, H]
 
@@ -268,7 +270,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
             return jnp.einsum("bhij,bhj->bhi", h_kk, x, precision=precision)
 
         x = _chebyshev(apply_h, q32, fro, num_iter=num_iter, ridge_strength=ridge_strength)
-        q_mixed = x if alpha is None else q32 + alpha.astype(jnp.float32)[..., None] * (x - q32)
+        q_mixed = x if alpha is None else q32 + upcast(alpha)[..., None] * (x - q32)
     else:
         x = q32
         q_mixed = q32
