@@ -12,6 +12,7 @@ from .config import ConfigError, GKAConfig, ModelConfig, RopeConfig, preset
 from .hf_checkpoint import CheckpointError
 from .loading import load, random_model
 from .runtime import ContextOverflowError, Model
+from . import params
 from .sharding import make_mesh, parse_mesh
 
 __version__ = "0.1.0"

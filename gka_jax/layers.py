@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .numerics import acc_dtype, upcast
@@ -31,7 +32,23 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", fan_in: int 
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     else:
         raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value, axes=tuple(axes))
+    return nnx.Param(value, axes=tuple(axes), init=init, fan_in=fan_in or shape[0])
+
+
+def host_init(init: str, shape, fan_in: int, rng: np.random.Generator) -> np.ndarray:
+    """The same initialisations as ``param``, drawn on the host with NumPy (float32)."""
+    if init == "ones":
+        return np.ones(shape, np.float32)
+    if init == "zeros":
+        return np.zeros(shape, np.float32)
+    if init == "a_log":
+        return np.log(rng.uniform(1.0, 16.0, shape)).astype(np.float32)
+    if init == "dt_bias":
+        dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape))
+        return (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+    if init == "normal":
+        return (rng.standard_normal(shape) * fan_in ** -0.5).astype(np.float32)
+    raise ValueError(f"unknown init {init!r}")
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -17,7 +17,8 @@ from flax import nnx
 from . import sharding as shd
 from .config import ModelConfig
 from .hf_checkpoint import CheckpointError, HFCheckpoint
-from .params import IGNORED_HF_SUFFIXES, abstract_model, param_table, to_ours, unflatten_into
+from .layers import host_init
+from .params import IGNORED_HF_SUFFIXES, abstract_model, flat_variables, param_table, to_ours, unflatten_into
 from .runtime import Model
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -96,14 +97,15 @@ def _leaf_at(state, path):
 
 def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, mesh=None, precision=None,
                  backend: str | None = None) -> Model:
-    """A model with random weights (for benchmarks and tests), created directly on its devices."""
+    """A model with random weights (for benchmarks and tests): each parameter is drawn on the host with
+    its module's initialisation and placed on its devices (sharded when a mesh is given)."""
     dtype = resolve_dtype(dtype)
-    from .model import HybridQwen3
-
-    def build():
-        return nnx.split(HybridQwen3(cfg, dtype, precision, rngs=nnx.Rngs(seed)))[1]
-
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, precision))
-    out_shardings = None if mesh is None else shd.param_shardings(abstract_state, mesh)
-    params = jax.jit(build, out_shardings=out_shardings)()
-    return Model(cfg, graphdef, params, mesh=mesh, backend=backend)
+    shardings = None if mesh is None else shd.param_shardings(abstract_state, mesh)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for path, var in flat_variables(abstract_state):
+        meta = var.get_metadata()
+        host = host_init(meta["init"], var.get_value().shape, meta["fan_in"], rng).astype(dtype)
+        arrays[path] = jax.device_put(host, None if shardings is None else _leaf_at(shardings, path))
+    return Model(cfg, graphdef, unflatten_into(abstract_state, arrays), mesh=mesh, backend=backend)

@@ -139,13 +139,13 @@ def param_table(cfg: ModelConfig, dtype=jnp.bfloat16) -> list[ParamEntry]:
     """Every parameter of the model for ``cfg``, in a stable order, with its HF name and layout."""
     _, state = nnx.split(abstract_model(cfg, dtype))
     entries = []
-    for path, var in _flat_variables(state):
+    for path, var in flat_variables(state):
         name, kind = _hf_name(cfg, path)
         entries.append(ParamEntry(path, name, kind, tuple(var.get_value().shape), tuple(var.get_metadata()["axes"])))
     return entries
 
 
-def _flat_variables(state):
+def flat_variables(state):
     leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for key_path, var in leaves:
         yield tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path), var
@@ -153,7 +153,7 @@ def _flat_variables(state):
 
 def flat_params(state) -> dict[Path, jax.Array]:
     """{path: array} of an NNX state."""
-    return {path: var.get_value() for path, var in _flat_variables(state)}
+    return {path: var.get_value() for path, var in flat_variables(state)}
 
 
 def unflatten_into(state, arrays: dict[Path, jax.Array]):
@@ -173,7 +173,7 @@ def gka_layer_from_hf(cfg: ModelConfig, hf_params: dict, dtype=jnp.float32, prec
     layer = nnx.eval_shape(lambda: GKA(cfg, dtype, precision, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(layer)
     arrays = {}
-    for path, var in _flat_variables(state):
+    for path, var in flat_variables(state):
         name, kind = _GKA[path[-1]]
         arrays[path] = jnp.asarray(to_ours(kind, np.asarray(hf_params[name]), var.get_value().shape), dtype)
     return nnx.merge(graphdef, unflatten_into(state, arrays))
