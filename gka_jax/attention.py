@@ -37,10 +37,11 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.precision = precision
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype, fan_in=h * d)
+        # Weights keep the checkpoint's [out, in] orientation with heads split out: [H, D, E], [E, H, D].
+        self.q_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
+        self.k_proj = param(rngs, (kv, d, e), ("kv_heads", "head_dim", "embed"), dtype)
+        self.v_proj = param(rngs, (kv, d, e), ("kv_heads", "head_dim", "embed"), dtype)
+        self.o_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype, fan_in=h * d)
         self.q_norm = param(rngs, (d,), ("head_dim",), dtype, init="ones")
         self.k_norm = param(rngs, (d,), ("head_dim",), dtype, init="ones")
         if cfg.attention_bias:
@@ -56,9 +57,9 @@ class Attention(nnx.Module):
         Returns (y [B, T, E], updated cache).
         """
         cfg, p = self.cfg, self.precision
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...], precision=p)
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...], precision=p)
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...], precision=p)
+        q = jnp.einsum("bte,hde->bthd", x, self.q_proj[...], precision=p)
+        k = jnp.einsum("bte,hde->bthd", x, self.k_proj[...], precision=p)
+        v = jnp.einsum("bte,hde->bthd", x, self.v_proj[...], precision=p)
         if cfg.attention_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
@@ -82,7 +83,7 @@ class Attention(nnx.Module):
             key_pos = jnp.arange(max_len)
             mask = key_pos[None, None, :] <= positions[:, :, None]      # [B, T, S]
             out = attention_core(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype), mask, p)
-        y = jnp.einsum("bthd,hde->bte", out, self.o_proj[...], precision=p)
+        y = jnp.einsum("bthd,ehd->bte", out, self.o_proj[...], precision=p)
         if cfg.attention_bias:
             y = y + self.o_bias[...]
         return y, new_cache

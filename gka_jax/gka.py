@@ -34,14 +34,14 @@ def causal_conv(raw, conv_state, weight, valid_count):
     """Depthwise causal convolution continuing from ``conv_state``.
 
     raw [B, T, *C] new raw inputs; conv_state [B, W, *C] the W previous raw inputs (oldest first, zeros
-    at the start of a sequence); weight [W, *C] with weight[-1] multiplying the current token;
+    at the start of a sequence); weight [*C, W] with weight[..., -1] multiplying the current token;
     valid_count [B] tokens of ``raw`` that are real (the rest is padding at the end).
     Returns (y [B, T, *C] in raw's dtype, before the activation; the new state [B, W, *C]).
     """
-    w = weight.shape[0]
+    w = weight.shape[-1]
     t = raw.shape[1]
     ext = jnp.concatenate([conv_state.astype(raw.dtype), raw], axis=1)   # [B, W + T, *C]
-    y = sum(upcast(weight[j]) * upcast(ext[:, j + 1: j + 1 + t]) for j in range(w))
+    y = sum(upcast(weight[..., j]) * upcast(ext[:, j + 1: j + 1 + t]) for j in range(w))
     # The last W real inputs: ext[n : n + W] for n real tokens of this call.
     new_state = jax.vmap(lambda e, n: jax.lax.dynamic_slice_in_dim(e, n, w, axis=0))(ext, valid_count)
     return y.astype(raw.dtype), new_state.astype(conv_state.dtype)
@@ -59,36 +59,37 @@ class GKA(nnx.Module):
         self.precision = precision
         gc = cfg.gka
         e, h, kv, d, w = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, gc.conv_size
-        self.q_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.q_conv = param(rngs, (w, h, d), ("conv", "heads", "head_dim"), dtype, fan_in=w)
-        self.k_conv = param(rngs, (w, kv, d), ("conv", "kv_heads", "head_dim"), dtype, fan_in=w)
+        # Weights keep the checkpoint's [out, in] orientation with heads split out.
+        self.q_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
+        self.k_proj = param(rngs, (kv, d, e), ("kv_heads", "head_dim", "embed"), dtype)
+        self.v_proj = param(rngs, (kv, d, e), ("kv_heads", "head_dim", "embed"), dtype)
+        self.q_conv = param(rngs, (h, d, w), ("heads", "head_dim", "conv"), dtype)
+        self.k_conv = param(rngs, (kv, d, w), ("kv_heads", "head_dim", "conv"), dtype)
         if gc.use_v_conv:
-            self.v_conv = param(rngs, (w, kv, d), ("conv", "kv_heads", "head_dim"), dtype, fan_in=w)
+            self.v_conv = param(rngs, (kv, d, w), ("kv_heads", "head_dim", "conv"), dtype)
         # Gates (the reference keeps a_proj, A_log and dt_bias even without the forgetting gate).
-        self.a_proj = param(rngs, (e, h), ("embed", "heads"), dtype)
+        self.a_proj = param(rngs, (h, e), ("heads", "embed"), dtype)
         self.A_log = param(rngs, (h,), ("heads",), dtype, init="a_log")
         self.dt_bias = param(rngs, (h,), ("heads",), dtype, init="dt_bias")
         if gc.use_beta_gate:
-            self.b_proj = param(rngs, (e, h), ("embed", "heads"), dtype)
+            self.b_proj = param(rngs, (h, e), ("heads", "embed"), dtype)
             self.b_bias = param(rngs, (h,), ("heads",), dtype, init="zeros")
         if gc.use_alpha_connection:
-            self.alpha_proj = param(rngs, (e, h), ("embed", "heads"), dtype)
+            self.alpha_proj = param(rngs, (h, e), ("heads", "embed"), dtype)
             self.alpha_bias = param(rngs, (h,), ("heads",), dtype, init="zeros")
         if gc.kv_proj_rank is not None:
             r = gc.kv_proj_rank
-            self.k_lowrank_a = param(rngs, (kv, d, r), ("kv_heads", "head_dim", "rank"), dtype, fan_in=kv * d)
-            self.k_lowrank_b = param(rngs, (r, h, d), ("rank", "heads", "head_dim"), dtype, init="zeros")
-            self.v_lowrank_a = param(rngs, (kv, d, r), ("kv_heads", "head_dim", "rank"), dtype, fan_in=kv * d)
-            self.v_lowrank_b = param(rngs, (r, h, d), ("rank", "heads", "head_dim"), dtype, init="zeros")
+            self.k_lowrank_a = param(rngs, (r, kv, d), ("rank", "kv_heads", "head_dim"), dtype, fan_in=kv * d)
+            self.k_lowrank_b = param(rngs, (h, d, r), ("heads", "head_dim", "rank"), dtype, init="zeros")
+            self.v_lowrank_a = param(rngs, (r, kv, d), ("rank", "kv_heads", "head_dim"), dtype, fan_in=kv * d)
+            self.v_lowrank_b = param(rngs, (h, d, r), ("heads", "head_dim", "rank"), dtype, init="zeros")
             if gc.kv_learnable_residual:
                 self.k_rep = param(rngs, (h, kv), ("heads", "kv_heads"), dtype, init="zeros")
                 self.v_rep = param(rngs, (h, kv), ("heads", "kv_heads"), dtype, init="zeros")
         if gc.use_gate:
-            self.g_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
+            self.g_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
         self.o_norm = param(rngs, (d,), ("head_dim",), dtype, init="ones")
-        self.o_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype, fan_in=h * d)
+        self.o_proj = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype, fan_in=h * d)
 
     # ------------------------------------------------------------------ pieces
     def _expand(self, x, which: str):
@@ -102,8 +103,8 @@ class GKA(nnx.Module):
             return x
         a = getattr(self, f"{which}_lowrank_a")[...]
         b = getattr(self, f"{which}_lowrank_b")[...]
-        low = jnp.einsum("btkd,kdr->btr", x, a, precision=p)
-        out = jnp.einsum("btr,rhd->bthd", jax.nn.silu(low), b, precision=p)
+        low = jnp.einsum("btkd,rkd->btr", x, a, precision=p)
+        out = jnp.einsum("btr,hdr->bthd", jax.nn.silu(low), b, precision=p)
         if cfg.gka.kv_learnable_residual:
             rep = getattr(self, f"{which}_rep")[...]
             residual = jnp.einsum("hk,btkd->bthd", rep, x, precision=p)
@@ -115,9 +116,9 @@ class GKA(nnx.Module):
         """Everything the recurrence consumes, plus the new conv states."""
         cfg, gc, p = self.cfg, self.cfg.gka, self.precision
         count = jnp.sum(valid, axis=1).astype(jnp.int32)
-        raw_q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...], precision=p)
-        raw_k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...], precision=p)
-        raw_v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...], precision=p)
+        raw_q = jnp.einsum("bte,hde->bthd", x, self.q_proj[...], precision=p)
+        raw_k = jnp.einsum("bte,hde->bthd", x, self.k_proj[...], precision=p)
+        raw_v = jnp.einsum("bte,hde->bthd", x, self.v_proj[...], precision=p)
         q, conv_q = causal_conv(raw_q, conv_state_q, self.q_conv[...], count)
         k, conv_k = causal_conv(raw_k, conv_state_k, self.k_conv[...], count)
         q, k = jax.nn.silu(q), jax.nn.silu(k)
@@ -130,12 +131,12 @@ class GKA(nnx.Module):
         q, k = l2_normalize(q), l2_normalize(k)
 
         def gate(proj, bias):
-            return jax.nn.sigmoid(jnp.einsum("bte,eh->bth", x, proj, precision=p) + bias)
+            return jax.nn.sigmoid(jnp.einsum("bte,he->bth", x, proj, precision=p) + bias)
 
         beta = upcast(gate(self.b_proj[...], self.b_bias[...])) + BETA_EPS if gc.use_beta_gate else None
         alpha = gate(self.alpha_proj[...], self.alpha_bias[...]) if gc.use_alpha_connection else None
         if gc.use_forgetting_gate:
-            a = upcast(jnp.einsum("bte,eh->bth", x, self.a_proj[...], precision=p))
+            a = upcast(jnp.einsum("bte,he->bth", x, self.a_proj[...], precision=p))
             g = -jnp.exp(upcast(self.A_log[...])) * jax.nn.softplus(a + upcast(self.dt_bias[...]))
         else:
             g = jnp.zeros(x.shape[:2] + (cfg.num_heads,), acc_dtype(x.dtype))
@@ -154,9 +155,9 @@ class GKA(nnx.Module):
         normed = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + gc.norm_eps)
         normed = normed * upcast(self.o_norm[...])
         if gc.use_gate:
-            gate = upcast(jnp.einsum("bte,ehd->bthd", x, self.g_proj[...], precision=p))
+            gate = upcast(jnp.einsum("bte,hde->bthd", x, self.g_proj[...], precision=p))
             normed = normed * jax.nn.silu(gate)
-        return jnp.einsum("bthd,hde->bte", normed.astype(x.dtype), self.o_proj[...], precision=p)
+        return jnp.einsum("bthd,ehd->bte", normed.astype(x.dtype), self.o_proj[...], precision=p)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x, valid, cache: GKACache, *, num_iter: int, backend: str | None = None,

@@ -15,7 +15,8 @@ from .numerics import acc_dtype, upcast
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", fan_in: int | None = None) -> nnx.Param:
-    """A parameter of ``shape`` with logical ``axes``; ``init`` is 'normal' (std 1/sqrt(fan_in)), 'ones',
+    """A parameter of ``shape`` with logical ``axes``; ``init`` is 'normal' (std 1/sqrt(fan_in), fan_in
+    defaulting to the last dimension: weights are stored [out..., in] as in PyTorch), 'ones',
     'zeros', or the GKA gate inits 'a_log' / 'dt_bias'. ``rngs`` may be None for non-random inits."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "ones":
@@ -28,11 +29,11 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", fan_in: int 
         dt = jnp.exp(jax.random.uniform(rngs.params(), shape, jnp.float32, jnp.log(1e-3), jnp.log(1e-1)))
         value = (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
     elif init == "normal":
-        std = (fan_in or shape[0]) ** -0.5
+        std = (fan_in or shape[-1]) ** -0.5
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     else:
         raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value, axes=tuple(axes), init=init, fan_in=fan_in or shape[0])
+    return nnx.Param(value, axes=tuple(axes), init=init, fan_in=fan_in or shape[-1])
 
 
 def host_init(init: str, shape, fan_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -68,19 +69,19 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(x W_gate) * (x W_up))."""
+    """SwiGLU: down(silu(x W_gate^T) * (x W_up^T)); weights [out, in] like the HF checkpoint."""
 
     def __init__(self, hidden: int, intermediate: int, dtype, precision, rngs: nnx.Rngs | None = None):
         self.precision = precision
-        self.gate_proj = param(rngs, (hidden, intermediate), ("embed", "mlp"), dtype)
-        self.up_proj = param(rngs, (hidden, intermediate), ("embed", "mlp"), dtype)
-        self.down_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), dtype)
+        self.gate_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), dtype)
+        self.up_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), dtype)
+        self.down_proj = param(rngs, (hidden, intermediate), ("embed", "mlp"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x [B, T, E]
         p = self.precision
-        gate = jnp.einsum("bte,ef->btf", x, self.gate_proj[...], precision=p)
-        up = jnp.einsum("bte,ef->btf", x, self.up_proj[...], precision=p)
-        return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, self.down_proj[...], precision=p)
+        gate = jnp.einsum("bte,fe->btf", x, self.gate_proj[...], precision=p)
+        up = jnp.einsum("bte,fe->btf", x, self.up_proj[...], precision=p)
+        return jnp.einsum("btf,ef->bte", jax.nn.silu(gate) * up, self.down_proj[...], precision=p)
 
 
 class Embedding(nnx.Module):

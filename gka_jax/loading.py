@@ -80,7 +80,7 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
         if found != entry.hf_shape:
             raise CheckpointError(f"tensor {entry.hf_name} has shape {list(found)}, expected "
                                   f"{list(entry.hf_shape)} from config.json")
-        host = to_ours(entry.kind, checkpoint.read(entry.hf_name), entry.shape)
+        host = to_ours(entry.groups, checkpoint.read(entry.hf_name), entry.shape)
         host = np.asarray(host).astype(dtype)
         target = None if shardings is None else _leaf_at(shardings, entry.path)
         arrays[entry.path] = jax.device_put(host, target)

@@ -56,7 +56,7 @@ class HybridQwen3(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, kind, dtype, precision, rngs) for kind in cfg.layer_types])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype, rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+            self.lm_head = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens, cache: Cache, valid=None, *, num_iter: int | None = None, fresh: bool = False,
                  backend: str | None = None, last_only: bool = False):
@@ -87,6 +87,6 @@ class HybridQwen3(nnx.Module):
         if cfg.tie_word_embeddings:
             logits = self.embed.attend(h, self.precision)
         else:
-            logits = jnp.einsum("bte,ev->btv", h, self.lm_head[...], precision=self.precision,
+            logits = jnp.einsum("bte,ve->btv", h, self.lm_head[...], precision=self.precision,
                                 preferred_element_type=acc_dtype(h.dtype))
         return logits.astype(acc_dtype(logits.dtype)), Cache(tuple(new_layers), cache.lengths + count)

@@ -1,14 +1,11 @@
 """The parameter spec: abstract shapes + logical axes (from the NNX modules) and the one table that maps
 each parameter path to its Hugging Face tensor name and layout, in both directions.
 
-Layouts: HF ``nn.Linear`` weights are ``[out, in]``; ours are ``[in..., out...]`` with heads split out
-(``q_proj`` ``[E, H, D]``, ``o_proj`` ``[H, D, E]``); HF depthwise conv weights ``[C, 1, W]`` are ours
-``[W, heads, D]``. A transform kind names the mapping:
-
-* ``linear<n>``: HF ``[prod(ours[n:]), prod(ours[:n])]`` = ours reshaped to 2-D ``[in, out]``, transposed;
-* ``conv``: HF ``[prod(ours[1:]), 1, ours[0]]``;
-* ``flat``: HF ``[prod(ours)]``;
-* ``same``: identical shape.
+Our parameters keep the checkpoint's memory layout (PyTorch ``[out, in]``) and only split merged
+dimensions: HF ``q_proj.weight [H*D, E]`` is ours ``[H, D, E]``, ``o_proj.weight [E, H*D]`` is ``[E, H, D]``,
+a depthwise conv ``[C, 1, W]`` is ``[H, D, W]``. Both directions are therefore reshapes (views, no copy,
+bit-exact). A layout is a tuple ``groups``: HF dimension i merges the next ``groups[i]`` of our dimensions
+(0: a singleton HF dimension of size 1).
 """
 
 from __future__ import annotations
@@ -31,81 +28,78 @@ Path = tuple  # a parameter's path in the NNX state, e.g. ("layers", 0, "mixer",
 class ParamEntry:
     path: Path
     hf_name: str
-    kind: str        # linear<n> | conv | flat | same
+    groups: tuple    # layout: see the module docstring
     shape: tuple     # our shape
     axes: tuple      # logical axes, one per dimension
 
     @property
     def hf_shape(self) -> tuple:
-        return hf_shape(self.kind, self.shape)
+        return hf_shape(self.groups, self.shape)
+
+    @property
+    def key(self) -> str:
+        """The path as one string ("layers.0.mixer.q_proj"), used as the checkpoint key."""
+        return path_key(self.path)
 
 
-def hf_shape(kind: str, shape: tuple) -> tuple:
-    if kind.startswith("linear"):
-        n = int(kind[len("linear"):])
-        return (math.prod(shape[n:]), math.prod(shape[:n]))
-    if kind == "conv":
-        return (math.prod(shape[1:]), 1, shape[0])
-    if kind == "flat":
-        return (math.prod(shape),)
-    if kind == "same":
-        return tuple(shape)
-    raise ValueError(f"unknown transform kind {kind!r}")
+def path_key(path: Path) -> str:
+    return ".".join(str(p) for p in path)
 
 
-def to_ours(kind: str, hf_array: np.ndarray, shape: tuple) -> np.ndarray:
-    """HF layout -> our layout (a view or a transpose; no dtype change)."""
-    if kind.startswith("linear"):
-        return hf_array.T.reshape(shape)
-    if kind == "conv":
-        return hf_array[:, 0, :].T.reshape(shape)
+def hf_shape(groups: tuple, shape: tuple) -> tuple:
+    out, i = [], 0
+    for g in groups:
+        out.append(1 if g == 0 else math.prod(shape[i: i + g]))
+        i += g
+    assert i == len(shape), (groups, shape)
+    return tuple(out)
+
+
+def to_ours(groups: tuple, hf_array: np.ndarray, shape: tuple) -> np.ndarray:
+    """HF layout -> ours (a reshape: a view of the same memory)."""
     return hf_array.reshape(shape)
 
 
-def to_hf(kind: str, array: np.ndarray) -> np.ndarray:
-    """Our layout -> HF layout (inverse of ``to_ours``)."""
-    shape = array.shape
-    if kind.startswith("linear"):
-        n = int(kind[len("linear"):])
-        return np.ascontiguousarray(array.reshape(math.prod(shape[:n]), math.prod(shape[n:])).T)
-    if kind == "conv":
-        return np.ascontiguousarray(array.reshape(shape[0], -1).T[:, None, :])
-    return np.ascontiguousarray(array.reshape(hf_shape(kind, shape)))
+def to_hf(groups: tuple, array: np.ndarray) -> np.ndarray:
+    """Our layout -> HF (a reshape)."""
+    return array.reshape(hf_shape(groups, array.shape))
 
 
-# Per-module name maps: our leaf name -> (HF name, transform kind).
+_MATRIX, _VECTOR, _HEADS_IN, _HEADS_OUT = (1, 1), (1,), (2, 1), (1, 2)
+
+# Per-module name maps: our leaf name -> (HF name, layout groups).
 _ATTENTION = {
-    "q_proj": ("q_proj.weight", "linear1"), "k_proj": ("k_proj.weight", "linear1"),
-    "v_proj": ("v_proj.weight", "linear1"), "o_proj": ("o_proj.weight", "linear2"),
-    "q_norm": ("q_norm.weight", "same"), "k_norm": ("k_norm.weight", "same"),
-    "q_bias": ("q_proj.bias", "flat"), "k_bias": ("k_proj.bias", "flat"),
-    "v_bias": ("v_proj.bias", "flat"), "o_bias": ("o_proj.bias", "same"),
+    "q_proj": ("q_proj.weight", _HEADS_IN), "k_proj": ("k_proj.weight", _HEADS_IN),
+    "v_proj": ("v_proj.weight", _HEADS_IN), "o_proj": ("o_proj.weight", _HEADS_OUT),
+    "q_norm": ("q_norm.weight", _VECTOR), "k_norm": ("k_norm.weight", _VECTOR),
+    "q_bias": ("q_proj.bias", (2,)), "k_bias": ("k_proj.bias", (2,)),
+    "v_bias": ("v_proj.bias", (2,)), "o_bias": ("o_proj.bias", _VECTOR),
 }
 _GKA = {
-    "q_proj": ("q_proj.weight", "linear1"), "k_proj": ("k_proj.weight", "linear1"),
-    "v_proj": ("v_proj.weight", "linear1"), "o_proj": ("o_proj.weight", "linear2"),
-    "g_proj": ("g_proj.weight", "linear1"),
-    "q_conv": ("q_conv1d.weight", "conv"), "k_conv": ("k_conv1d.weight", "conv"),
-    "v_conv": ("v_conv1d.weight", "conv"),
-    "a_proj": ("a_proj.weight", "linear1"), "A_log": ("A_log", "same"), "dt_bias": ("dt_bias", "same"),
-    "b_proj": ("b_proj.weight", "linear1"), "b_bias": ("b_proj.bias", "same"),
-    "alpha_proj": ("alpha_proj.weight", "linear1"), "alpha_bias": ("alpha_proj.bias", "same"),
-    "o_norm": ("o_norm.weight", "same"),
-    "k_lowrank_a": ("proj_k.linearA.weight", "linear2"), "k_lowrank_b": ("proj_k.linearB.weight", "linear1"),
-    "v_lowrank_a": ("proj_v.linearA.weight", "linear2"), "v_lowrank_b": ("proj_v.linearB.weight", "linear1"),
-    "k_rep": ("k_rep", "same"), "v_rep": ("v_rep", "same"),
+    "q_proj": ("q_proj.weight", _HEADS_IN), "k_proj": ("k_proj.weight", _HEADS_IN),
+    "v_proj": ("v_proj.weight", _HEADS_IN), "o_proj": ("o_proj.weight", _HEADS_OUT),
+    "g_proj": ("g_proj.weight", _HEADS_IN),
+    "q_conv": ("q_conv1d.weight", (2, 0, 1)), "k_conv": ("k_conv1d.weight", (2, 0, 1)),
+    "v_conv": ("v_conv1d.weight", (2, 0, 1)),
+    "a_proj": ("a_proj.weight", _MATRIX), "A_log": ("A_log", _VECTOR), "dt_bias": ("dt_bias", _VECTOR),
+    "b_proj": ("b_proj.weight", _MATRIX), "b_bias": ("b_proj.bias", _VECTOR),
+    "alpha_proj": ("alpha_proj.weight", _MATRIX), "alpha_bias": ("alpha_proj.bias", _VECTOR),
+    "o_norm": ("o_norm.weight", _VECTOR),
+    "k_lowrank_a": ("proj_k.linearA.weight", _HEADS_OUT), "k_lowrank_b": ("proj_k.linearB.weight", _HEADS_IN),
+    "v_lowrank_a": ("proj_v.linearA.weight", _HEADS_OUT), "v_lowrank_b": ("proj_v.linearB.weight", _HEADS_IN),
+    "k_rep": ("k_rep", _MATRIX), "v_rep": ("v_rep", _MATRIX),
 }
 _LAYER = {
-    ("input_norm", "weight"): ("input_layernorm.weight", "same"),
-    ("post_norm", "weight"): ("post_attention_layernorm.weight", "same"),
-    ("mlp", "gate_proj"): ("mlp.gate_proj.weight", "linear1"),
-    ("mlp", "up_proj"): ("mlp.up_proj.weight", "linear1"),
-    ("mlp", "down_proj"): ("mlp.down_proj.weight", "linear1"),
+    ("input_norm", "weight"): ("input_layernorm.weight", _VECTOR),
+    ("post_norm", "weight"): ("post_attention_layernorm.weight", _VECTOR),
+    ("mlp", "gate_proj"): ("mlp.gate_proj.weight", _MATRIX),
+    ("mlp", "up_proj"): ("mlp.up_proj.weight", _MATRIX),
+    ("mlp", "down_proj"): ("mlp.down_proj.weight", _MATRIX),
 }
 _TOP = {
-    ("embed", "embedding"): ("model.embed_tokens.weight", "same"),
-    ("final_norm", "weight"): ("model.norm.weight", "same"),
-    ("lm_head",): ("lm_head.weight", "linear1"),
+    ("embed", "embedding"): ("model.embed_tokens.weight", _MATRIX),
+    ("final_norm", "weight"): ("model.norm.weight", _VECTOR),
+    ("lm_head",): ("lm_head.weight", _MATRIX),
 }
 
 # HF tensors that carry no parameter of ours and may be present in a checkpoint.
@@ -117,21 +111,21 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16, precision=None) -> Hybr
     return nnx.eval_shape(lambda: HybridQwen3(cfg, dtype, precision, rngs=nnx.Rngs(0)))
 
 
-def _hf_name(cfg: ModelConfig, path: Path) -> tuple[str, str]:
+def _hf_name(cfg: ModelConfig, path: Path) -> tuple[str, tuple]:
     if path in _TOP:
         return _TOP[path]
     if path[0] == "layers":
         i, rest = path[1], tuple(path[2:])
         prefix = f"model.layers.{i}."
         if rest in _LAYER:
-            name, kind = _LAYER[rest]
-            return prefix + name, kind
+            name, groups = _LAYER[rest]
+            return prefix + name, groups
         if rest[0] == "mixer" and len(rest) == 2:
             if cfg.layer_types[i] == ATTENTION:
-                name, kind = _ATTENTION[rest[1]]
-                return prefix + "self_attn." + name, kind
-            name, kind = _GKA[rest[1]]
-            return prefix + "gka." + name, kind
+                name, groups = _ATTENTION[rest[1]]
+                return prefix + "self_attn." + name, groups
+            name, groups = _GKA[rest[1]]
+            return prefix + "gka." + name, groups
     raise KeyError(f"no HF name for parameter {'.'.join(map(str, path))}")
 
 
@@ -140,8 +134,9 @@ def param_table(cfg: ModelConfig, dtype=jnp.bfloat16) -> list[ParamEntry]:
     _, state = nnx.split(abstract_model(cfg, dtype))
     entries = []
     for path, var in flat_variables(state):
-        name, kind = _hf_name(cfg, path)
-        entries.append(ParamEntry(path, name, kind, tuple(var.get_value().shape), tuple(var.get_metadata()["axes"])))
+        name, groups = _hf_name(cfg, path)
+        entries.append(ParamEntry(path, name, groups, tuple(var.get_value().shape),
+                                  tuple(var.get_metadata()["axes"])))
     return entries
 
 
@@ -174,6 +169,6 @@ def gka_layer_from_hf(cfg: ModelConfig, hf_params: dict, dtype=jnp.float32, prec
     graphdef, state = nnx.split(layer)
     arrays = {}
     for path, var in flat_variables(state):
-        name, kind = _GKA[path[-1]]
-        arrays[path] = jnp.asarray(to_ours(kind, np.asarray(hf_params[name]), var.get_value().shape), dtype)
+        name, groups = _GKA[path[-1]]
+        arrays[path] = jnp.asarray(to_ours(groups, np.asarray(hf_params[name]), var.get_value().shape), dtype)
     return nnx.merge(graphdef, unflatten_into(state, arrays))
