@@ -54,9 +54,10 @@ def check_names(cfg: ModelConfig, table, present: set[str]) -> None:
 
 def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, mesh=None, precision=None,
          backend: str | None = None) -> Model:
-    """Load a hybrid GKA checkpoint folder in Hugging Face layout.
+    """Load a hybrid GKA checkpoint: a Hugging Face folder, or a folder written by ``gka-jax convert``.
 
-    path: folder with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+    path: folder with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``),
+    or a converted Orbax folder (restored straight onto the mesh's devices, no host copy of the model).
     dtype: parameter/activation dtype ("bfloat16", "float32", a jnp dtype, or None for the checkpoint's).
     num_iter: default Chebyshev iterations for this model (None: the config's ``gka_config.num_iter``).
     mesh: a ``jax.sharding.Mesh`` with axes ("dp", "tp") to shard parameters on (see ``gka_jax.make_mesh``).
@@ -68,6 +69,10 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
     if num_iter is not None:
         cfg = dataclasses.replace(cfg, gka=dataclasses.replace(cfg.gka, num_iter=num_iter))
     dtype = resolve_dtype(dtype, cfg)
+    from .convert.layout import is_converted
+
+    if is_converted(path):
+        return _load_converted(path, cfg, dtype, num_iter, mesh, precision, backend)
     checkpoint = HFCheckpoint(path)
     table = param_table(cfg, dtype)
     check_names(cfg, table, set(checkpoint.names()))
@@ -86,6 +91,21 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
         arrays[entry.path] = jax.device_put(host, target)
     params = unflatten_into(abstract_state, arrays)
     return Model(cfg, graphdef, params, mesh=mesh, num_iter=num_iter, backend=backend)
+
+
+def _load_converted(path, cfg, dtype, num_iter, mesh, precision, backend) -> Model:
+    from .convert.layout import converted_table, restore_arrays
+
+    table, stored_dtypes = converted_table(path, cfg)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, precision))
+    shardings = None
+    if mesh is not None:
+        state_shardings = shd.param_shardings(abstract_state, mesh)
+        shardings = {e.path: _leaf_at(state_shardings, e.path) for e in table}
+    restored = restore_arrays(path, table, stored_dtypes, shardings)
+    arrays = {p: (a if a.dtype == dtype else a.astype(dtype)) for p, a in restored.items()}
+    return Model(cfg, graphdef, unflatten_into(abstract_state, arrays), mesh=mesh, num_iter=num_iter,
+                 backend=backend)
 
 
 def _leaf_at(state, path):
