@@ -58,7 +58,8 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
 
     path: folder with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``),
     or a converted Orbax folder (restored straight onto the mesh's devices, no host copy of the model).
-    dtype: parameter/activation dtype ("bfloat16", "float32", a jnp dtype, or None for the checkpoint's).
+    dtype: parameter/activation dtype ("bfloat16", "float32", a jnp dtype, or None for the checkpoint's:
+    config.json's ``dtype``, or for a converted folder the dtype it was converted to).
     num_iter: default Chebyshev iterations for this model (None: the config's ``gka_config.num_iter``).
     mesh: a ``jax.sharding.Mesh`` with axes ("dp", "tp") to shard parameters on (see ``gka_jax.make_mesh``).
     precision: matmul precision (default: HIGHEST for float32, DEFAULT otherwise).
@@ -68,11 +69,14 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
     cfg = ModelConfig.from_file(path)
     if num_iter is not None:
         cfg = dataclasses.replace(cfg, gka=dataclasses.replace(cfg.gka, num_iter=num_iter))
-    dtype = resolve_dtype(dtype, cfg)
-    from .convert.layout import is_converted
+    from .convert.layout import is_converted, read_metadata
 
     if is_converted(path):
-        return _load_converted(path, cfg, dtype, num_iter, mesh, precision, backend)
+        stored = read_metadata(path)["dtype"]
+        if dtype is None and stored != "mixed":
+            dtype = stored  # a converted folder defaults to the dtype it was converted to
+        return _load_converted(path, cfg, resolve_dtype(dtype, cfg), num_iter, mesh, precision, backend)
+    dtype = resolve_dtype(dtype, cfg)
     checkpoint = HFCheckpoint(path)
     table = param_table(cfg, dtype)
     check_names(cfg, table, set(checkpoint.names()))
