@@ -7,6 +7,7 @@ layout and dtype, and placed on their devices (with their NamedSharding when a m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -121,15 +122,43 @@ def _leaf_at(state, path):
 
 def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, mesh=None, precision=None,
                  backend: str | None = None) -> Model:
-    """A model with random weights (for benchmarks and tests): each parameter is drawn on the host with
-    its module's initialisation and placed on its devices (sharded when a mesh is given)."""
+    """A model with random weights (for benchmarks and tests), each parameter drawn with its module's
+    initialisation and placed on its devices (sharded when a mesh is given). Small models are drawn on the
+    host with NumPy; large ones on the device (one jitted draw per parameter shape), which is much faster."""
     dtype = resolve_dtype(dtype)
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, precision))
     shardings = None if mesh is None else shd.param_shardings(abstract_state, mesh)
+    variables = list(flat_variables(abstract_state))
+    total = sum(int(np.prod(var.get_value().shape)) for _, var in variables)
+    on_host = total < 50_000_000
     rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
     arrays = {}
-    for path, var in flat_variables(abstract_state):
+    for i, (path, var) in enumerate(variables):
         meta = var.get_metadata()
-        host = host_init(meta["init"], var.get_value().shape, meta["fan_in"], rng).astype(dtype)
-        arrays[path] = jax.device_put(host, None if shardings is None else _leaf_at(shardings, path))
+        shape = var.get_value().shape
+        target = None if shardings is None else _leaf_at(shardings, path)
+        if on_host:
+            host = host_init(meta["init"], shape, meta["fan_in"], rng).astype(dtype)
+            arrays[path] = jax.device_put(host, target)
+        else:
+            arrays[path] = _device_init(jax.random.fold_in(key, i), meta["init"], shape, meta["fan_in"], dtype,
+                                        target)
     return Model(cfg, graphdef, unflatten_into(abstract_state, arrays), mesh=mesh, backend=backend)
+
+
+def _device_init(key, init, shape, fan_in, dtype, sharding):
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def draw(key):
+        if init == "ones":
+            return jnp.ones(shape, dtype)
+        if init == "zeros":
+            return jnp.zeros(shape, dtype)
+        if init == "a_log":
+            return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+        if init == "dt_bias":
+            dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, np.log(1e-3), np.log(1e-1)))
+            return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * fan_in ** -0.5).astype(dtype)
+
+    return draw(key)
