@@ -1,6 +1,7 @@
 """The ``gka-jax`` command line.
 
-    gka-jax convert SRC DST [--dtype bf16|fp32|keep] [--mesh tp=N,dp=M] [--verify] [--overwrite] [--quiet]
+    gka-jax convert SRC DST [--dtype bf16|fp32|keep] [--mesh tp=N,dp=M] [--verify] [--overwrite] [--compress]
+                    [--quiet]
     gka-jax export ORBAX_DIR HF_DIR [--max-shard-size 2GB] [--overwrite]
 
 Errors print one line naming the problem and exit with status 1 (no traceback).
@@ -42,7 +43,7 @@ def _cmd_convert(args) -> int:
     mesh = parse_mesh(args.mesh) if args.mesh else None
     start = time.perf_counter()
     meta = convert(args.src, args.dst, dtype=args.dtype, mesh=mesh, verify=args.verify, overwrite=args.overwrite,
-                   quiet=args.quiet)
+                   quiet=args.quiet, compress=args.compress)
     seconds = time.perf_counter() - start
     if not args.quiet:
         mb = meta["param_bytes"] / 1e6
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="write arrays sharded for this mesh, e.g. tp=4,dp=2")
     p.add_argument("--verify", action="store_true", help="read everything back and compare checksums")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--compress", action="store_true", help="zstd-compress the arrays (smaller, slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(run=_cmd_convert)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -69,11 +70,12 @@ def sha256(array: np.ndarray) -> str:
 
 
 def convert(src: str, dst: str, *, dtype: str = "keep", mesh=None, verify: bool = False,
-            overwrite: bool = False, quiet: bool = True) -> dict:
+            overwrite: bool = False, quiet: bool = True, compress: bool = False) -> dict:
     """Convert the HF checkpoint ``src`` into the Orbax folder ``dst``; returns the metadata written.
 
     dtype: "bf16", "fp32" or "keep" (each tensor's own dtype). mesh: write every array with the
     NamedSharding of the sharding rules on this mesh. verify: read everything back and compare checksums.
+    compress: zstd-compress the stored arrays (~20% smaller for bf16 weights, ~2.5x slower to write).
     """
     if dtype not in DTYPE_CHOICES:
         raise ConvertError(f"--dtype must be one of bf16, fp32, keep (got {dtype!r})")
@@ -105,7 +107,8 @@ def convert(src: str, dst: str, *, dtype: str = "keep", mesh=None, verify: bool 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        meta = _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, abstract_shardings, quiet)
+        meta = _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, abstract_shardings, quiet,
+                      compress)
         if verify:
             _verify(tmp, table, meta, abstract_shardings)
         _replace(tmp, dst)
@@ -122,7 +125,19 @@ def _leaf(state, path):
     return node.get_value() if hasattr(node, "get_value") else node
 
 
-def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardings, quiet) -> dict:
+CHUNK_BYTES = 64 * 1024**2  # storage chunk: bounds write buffers and lets both cores compress/write
+
+
+def _orbax_context(compress: bool):
+    from orbax.checkpoint.experimental import v1 as ocp_v1
+
+    ctx = ocp_v1.Context()
+    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    ctx.array.saving.use_compression = compress
+    return ctx
+
+
+def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardings, quiet, compress) -> dict:
     from orbax.checkpoint.experimental import v1 as ocp_v1
 
     for name in SIDE_FILES:
@@ -132,32 +147,42 @@ def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardi
     bar = _progress(total, len(table), quiet)
     records = []
     params_path = os.path.join(tmp, PARAMS_DIR)
-    device = jax.devices()[0]
+    pending = None  # the previous group's save runs in Orbax's threads while we read the next group
     try:
-        for group in param_groups(table):
-            arrays = {}
-            for entry in group:
-                host = checkpoint.read(entry.hf_name).reshape(entry.shape)
-                source_dtype = str(host.dtype)
-                if source_dtype not in NP_DTYPES:
-                    raise CheckpointError(f"tensor {entry.hf_name} has dtype {source_dtype}, not a float type")
-                if target_dtype is not None and source_dtype != target_dtype:
-                    host = host.astype(NP_DTYPES[target_dtype])
-                records.append({"key": entry.key, "hf_name": entry.hf_name, "shape": list(entry.shape),
-                                "dtype": str(host.dtype), "source_dtype": source_dtype, "sha256": sha256(host)})
-                placement = device if shardings is None else shardings[entry.path]
-                arrays[entry] = jax.device_put(host, placement)
-                del host
-                if bar is not None:
-                    bar.update(checkpoint.nbytes(entry.hf_name))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ocp_v1.partial.save(params_path, nested(arrays))
-            del arrays
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _orbax_context(compress):
             warnings.simplefilter("ignore")
+            for group in param_groups(table):
+                arrays = {}
+                for entry in group:
+                    host = checkpoint.read(entry.hf_name).reshape(entry.shape)
+                    source_dtype = str(host.dtype)
+                    if source_dtype not in NP_DTYPES:
+                        raise CheckpointError(f"tensor {entry.hf_name} has dtype {source_dtype}, not a float type")
+                    if target_dtype is not None and source_dtype != target_dtype:
+                        host = host.astype(NP_DTYPES[target_dtype])
+                    records.append({"key": entry.key, "hf_name": entry.hf_name, "shape": list(entry.shape),
+                                    "dtype": str(host.dtype), "source_dtype": source_dtype,
+                                    "sha256": sha256(host)})
+                    # Without a mesh the NumPy array is written as is (no copy); with one, each device
+                    # gets its shard and the array is written with its NamedSharding.
+                    arrays[entry] = host if shardings is None else jax.device_put(host, shardings[entry.path])
+                    del host
+                    if bar is not None:
+                        bar.update(checkpoint.nbytes(entry.hf_name))
+                if pending is not None:
+                    pending.result()
+                pending = ocp_v1.partial.save_async(params_path, nested(arrays))
+                del arrays
+            if pending is not None:
+                pending.result()
+                pending = None
             ocp_v1.partial.finalize(params_path)
     finally:
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:  # the original error is the one to report
+                pass
         if bar is not None:
             bar.close()
     dtypes = sorted({r["dtype"] for r in records})
@@ -171,9 +196,9 @@ def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardi
         "param_bytes": int(sum(int(np.prod(r["shape"])) * np.dtype(NP_DTYPES[r["dtype"]]).itemsize
                                for r in records)),
         "mesh": None if mesh is None else describe(mesh),
+        "compressed": bool(compress),
         "tensors": records,
     }
-    import json
     with open(os.path.join(tmp, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
