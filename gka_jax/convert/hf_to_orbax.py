@@ -126,6 +126,7 @@ def _leaf(state, path):
 
 
 CHUNK_BYTES = 64 * 1024**2  # storage chunk: bounds write buffers and lets both cores compress/write
+OVERLAP_BYTES = 1024**3     # read the next group during a save only while both fit in this budget
 
 
 def _orbax_context(compress: bool):
@@ -134,6 +135,10 @@ def _orbax_context(compress: bool):
     ctx = ocp_v1.Context()
     ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     ctx.array.saving.use_compression = compress
+    try:  # our host arrays are never touched again once handed over: no defensive copy (orbax >= 0.12.8)
+        ctx.memory.deepcopy_host_arrays = False
+    except AttributeError:
+        pass
     return ctx
 
 
@@ -147,11 +152,15 @@ def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardi
     bar = _progress(total, len(table), quiet)
     records = []
     params_path = os.path.join(tmp, PARAMS_DIR)
-    pending = None  # the previous group's save runs in Orbax's threads while we read the next group
+    pending, pending_bytes = None, 0  # a group's save runs in Orbax's threads while we read the next one
     try:
         with warnings.catch_warnings(), _orbax_context(compress):
             warnings.simplefilter("ignore")
             for group in param_groups(table):
+                group_bytes = sum(checkpoint.nbytes(e.hf_name) for e in group)
+                if pending is not None and pending_bytes + group_bytes > OVERLAP_BYTES:
+                    pending.result()  # keep peak memory near one large tensor, not two
+                    pending = None
                 arrays = {}
                 for entry in group:
                     host = checkpoint.read(entry.hf_name).reshape(entry.shape)
@@ -171,7 +180,7 @@ def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardi
                         bar.update(checkpoint.nbytes(entry.hf_name))
                 if pending is not None:
                     pending.result()
-                pending = ocp_v1.partial.save_async(params_path, nested(arrays))
+                pending, pending_bytes = ocp_v1.partial.save_async(params_path, nested(arrays)), group_bytes
                 del arrays
             if pending is not None:
                 pending.result()
