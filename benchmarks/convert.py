@@ -101,8 +101,8 @@ def main():
     if not args.keep_output:
         shutil.rmtree(dst, ignore_errors=True)
     print()
-    print(f"| checkpoint | bytes in | seconds | MB/s | peak RSS | bytes out |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| checkpoint | bytes in | seconds | MB/s | peak RSS | bytes out |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {PRESET} synthetic bf16, dtype {args.dtype}{', mesh ' + args.mesh if args.mesh else ''} | "
           f"{total / 1e9:.2f} GB | {seconds:.1f} | {total / 1e6 / seconds:.0f} | {peak_rss / 1e9:.2f} GB | "
           f"{on_disk / 1e9:.2f} GB |")

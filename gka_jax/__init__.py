@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionCache", "Cache", "CheckpointError", "ConfigError", "ContextOverflowError", "GKACache", "GKAConfig",
     "Model", "ModelConfig", "RopeConfig", "init_cache", "load", "make_mesh", "parse_mesh", "preset",
-    "random_model",
+    "params", "random_model",
 ]

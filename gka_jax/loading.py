@@ -92,7 +92,7 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
                                   f"{list(entry.hf_shape)} from config.json")
         host = to_ours(entry.groups, checkpoint.read(entry.hf_name), entry.shape)
         host = np.asarray(host).astype(dtype)
-        target = None if shardings is None else _leaf_at(shardings, entry.path)
+        target = None if shardings is None else leaf_at(shardings, entry.path)
         arrays[entry.path] = jax.device_put(host, target)
     params = unflatten_into(abstract_state, arrays)
     return Model(cfg, graphdef, params, mesh=mesh, num_iter=num_iter, backend=backend)
@@ -106,14 +106,15 @@ def _load_converted(path, cfg, dtype, num_iter, mesh, precision, backend) -> Mod
     shardings = None
     if mesh is not None:
         state_shardings = shd.param_shardings(abstract_state, mesh)
-        shardings = {e.path: _leaf_at(state_shardings, e.path) for e in table}
+        shardings = {e.path: leaf_at(state_shardings, e.path) for e in table}
     restored = restore_arrays(path, table, stored_dtypes, shardings)
     arrays = {p: (a if a.dtype == dtype else a.astype(dtype)) for p, a in restored.items()}
     return Model(cfg, graphdef, unflatten_into(abstract_state, arrays), mesh=mesh, num_iter=num_iter,
                  backend=backend)
 
 
-def _leaf_at(state, path):
+def leaf_at(state, path):
+    """The value at ``path`` of an NNX state (or a tree of shardings built from one)."""
     node = state
     for key in path:
         node = node[key]
@@ -137,7 +138,7 @@ def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, mesh=No
     for i, (path, var) in enumerate(variables):
         meta = var.get_metadata()
         shape = var.get_value().shape
-        target = None if shardings is None else _leaf_at(shardings, path)
+        target = None if shardings is None else leaf_at(shardings, path)
         if on_host:
             host = host_init(meta["init"], shape, meta["fan_in"], rng).astype(dtype)
             arrays[path] = jax.device_put(host, target)

@@ -12,9 +12,7 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file

@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..config import ConfigError, ModelConfig
 from ..hf_checkpoint import CheckpointError, HFCheckpoint
-from ..loading import check_names
+from ..loading import check_names, leaf_at
 from ..params import param_table
 from ..sharding import describe, param_shardings
 from .layout import (FORMAT, METADATA_FILE, NP_DTYPES, PARAMS_DIR, SIDE_FILES, ConvertError, nested,
@@ -100,7 +100,7 @@ def convert(src: str, dst: str, *, dtype: str = "keep", mesh=None, verify: bool 
         from ..params import abstract_model
         _, abstract_state = nnx.split(abstract_model(cfg))
         shardings_state = param_shardings(abstract_state, mesh)
-        abstract_shardings = {e.path: _leaf(shardings_state, e.path) for e in table}
+        abstract_shardings = {e.path: leaf_at(shardings_state, e.path) for e in table}
 
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
@@ -116,13 +116,6 @@ def convert(src: str, dst: str, *, dtype: str = "keep", mesh=None, verify: bool 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-
-
-def _leaf(state, path):
-    node = state
-    for key in path:
-        node = node[key]
-    return node.get_value() if hasattr(node, "get_value") else node
 
 
 CHUNK_BYTES = 64 * 1024**2  # storage chunk: bounds write buffers and lets both cores compress/write

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from ..config import ModelConfig
 from ..params import to_hf
 from .hf_to_orbax import _replace
-from .layout import SIDE_FILES, ConvertError, converted_table, restore_arrays
+from .layout import NP_DTYPES, SIDE_FILES, ConvertError, converted_table, restore_arrays
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -33,7 +33,7 @@ def export(src: str, dst: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, ov
         raise ConvertError("the shard size must be positive")
     cfg = ModelConfig.from_file(src)
     table, dtypes = converted_table(src, cfg)
-    sizes = {e.key: int(np.prod(e.shape)) * np.dtype(_np_dtype(dtypes[e.key])).itemsize for e in table}
+    sizes = {e.key: int(np.prod(e.shape)) * np.dtype(NP_DTYPES[dtypes[e.key]]).itemsize for e in table}
     shards, current, current_bytes = [], [], 0
     for entry in sorted(table, key=lambda e: e.hf_name):
         if current and current_bytes + sizes[entry.key] > max_shard_bytes:
@@ -68,11 +68,6 @@ def export(src: str, dst: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, ov
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index
-
-
-def _np_dtype(name):
-    from .layout import NP_DTYPES
-    return NP_DTYPES[name]
 
 
 def parse_size(text: str) -> int:
