@@ -8,6 +8,8 @@
 """
 
 from .cache import AttentionCache, Cache, GKACache, init_cache
+from .generate import CompletionOutput, generate
+from .sampling import SamplingParams
 from .config import ConfigError, GKAConfig, ModelConfig, RopeConfig, preset
 from .hf_checkpoint import CheckpointError
 from .loading import load, random_model
@@ -18,7 +20,7 @@ from .sharding import make_mesh, parse_mesh
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionCache", "Cache", "CheckpointError", "ConfigError", "ContextOverflowError", "GKACache", "GKAConfig",
+    "AttentionCache", "Cache", "CheckpointError", "CompletionOutput", "SamplingParams", "generate", "ConfigError", "ContextOverflowError", "GKACache", "GKAConfig",
     "Model", "ModelConfig", "RopeConfig", "init_cache", "load", "make_mesh", "parse_mesh", "preset",
     "params", "random_model",
 ]

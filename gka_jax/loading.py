@@ -53,6 +53,25 @@ def check_names(cfg: ModelConfig, table, present: set[str]) -> None:
                               + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
 
 
+def read_eos_token_ids(path) -> tuple[int, ...]:
+    """eos_token_id from generation_config.json (else config.json): an int or a list."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            try:
+                with open(file) as f:
+                    value = json.load(f).get("eos_token_id")
+            except (OSError, ValueError):
+                continue
+            if isinstance(value, int):
+                return (value,)
+            if isinstance(value, list) and all(isinstance(v, int) for v in value):
+                return tuple(value)
+    return ()
+
+
 def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, mesh=None, precision=None,
          backend: str | None = None) -> Model:
     """Load a hybrid GKA checkpoint: a Hugging Face folder, or a folder written by ``gka-jax convert``.
@@ -76,7 +95,8 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
         stored = read_metadata(path)["dtype"]
         if dtype is None and stored != "mixed":
             dtype = stored  # a converted folder defaults to the dtype it was converted to
-        return _load_converted(path, cfg, resolve_dtype(dtype, cfg), num_iter, mesh, precision, backend)
+        model = _load_converted(path, cfg, resolve_dtype(dtype, cfg), num_iter, mesh, precision, backend)
+        return dataclasses.replace(model, eos_token_ids=read_eos_token_ids(path))
     dtype = resolve_dtype(dtype, cfg)
     checkpoint = HFCheckpoint(path)
     table = param_table(cfg, dtype)
@@ -95,7 +115,8 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
         target = None if shardings is None else leaf_at(shardings, entry.path)
         arrays[entry.path] = jax.device_put(host, target)
     params = unflatten_into(abstract_state, arrays)
-    return Model(cfg, graphdef, params, mesh=mesh, num_iter=num_iter, backend=backend)
+    return Model(cfg, graphdef, params, mesh=mesh, num_iter=num_iter, backend=backend,
+                 eos_token_ids=read_eos_token_ids(path))
 
 
 def _load_converted(path, cfg, dtype, num_iter, mesh, precision, backend) -> Model:

@@ -42,6 +42,8 @@ class Model:
     mesh: jax.sharding.Mesh | None = None
     num_iter: int | None = None      # default Chebyshev iterations (None: the config's)
     backend: str | None = None       # GKA kernel backend (None: automatic)
+    eos_token_ids: tuple = ()        # tokens that end generation (from generation_config.json)
+    tokenizer: object = None         # set by load() when the folder has tokenizer files
 
     @property
     def dtype(self):
