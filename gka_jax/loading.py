@@ -72,6 +72,15 @@ def read_eos_token_ids(path) -> tuple[int, ...]:
     return ()
 
 
+def read_tokenizer(path):
+    """The folder's tokenizer (tokenizer.json + chat template), or None when it has none."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(path)
+
+
 def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, mesh=None, precision=None,
          backend: str | None = None) -> Model:
     """Load a hybrid GKA checkpoint: a Hugging Face folder, or a folder written by ``gka-jax convert``.
@@ -96,7 +105,7 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
         if dtype is None and stored != "mixed":
             dtype = stored  # a converted folder defaults to the dtype it was converted to
         model = _load_converted(path, cfg, resolve_dtype(dtype, cfg), num_iter, mesh, precision, backend)
-        return dataclasses.replace(model, eos_token_ids=read_eos_token_ids(path))
+        return dataclasses.replace(model, eos_token_ids=read_eos_token_ids(path), tokenizer=read_tokenizer(path))
     dtype = resolve_dtype(dtype, cfg)
     checkpoint = HFCheckpoint(path)
     table = param_table(cfg, dtype)
@@ -116,7 +125,7 @@ def load(path: str | os.PathLike, dtype=None, num_iter: int | None = None, *, me
         arrays[entry.path] = jax.device_put(host, target)
     params = unflatten_into(abstract_state, arrays)
     return Model(cfg, graphdef, params, mesh=mesh, num_iter=num_iter, backend=backend,
-                 eos_token_ids=read_eos_token_ids(path))
+                 eos_token_ids=read_eos_token_ids(path), tokenizer=read_tokenizer(path))
 
 
 def _load_converted(path, cfg, dtype, num_iter, mesh, precision, backend) -> Model:
