@@ -20,7 +20,7 @@ from .sharding import make_mesh, parse_mesh
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionCache", "Cache", "CheckpointError", "CompletionOutput", "SamplingParams", "generate", "ConfigError", "ContextOverflowError", "GKACache", "GKAConfig",
-    "Model", "ModelConfig", "RopeConfig", "init_cache", "load", "make_mesh", "parse_mesh", "preset",
-    "params", "random_model",
+    "AttentionCache", "Cache", "CheckpointError", "CompletionOutput", "ConfigError", "ContextOverflowError",
+    "GKACache", "GKAConfig", "Model", "ModelConfig", "RopeConfig", "SamplingParams", "generate", "init_cache",
+    "load", "make_mesh", "params", "parse_mesh", "preset", "random_model",
 ]

@@ -37,7 +37,8 @@ def test_greedy_equals_golden_and_batch_equals_alone(tiny):
 def test_seeds(tiny):
     model, arrays = tiny
     prompt = arrays["input_ids"][0].tolist()
-    a = generate(model, [prompt, prompt], [SamplingParams(seed=7, max_tokens=10), SamplingParams(seed=7, max_tokens=10)])
+    same = SamplingParams(seed=7, max_tokens=10)
+    a = generate(model, [prompt, prompt], [same, same])
     b = generate(model, prompt, SamplingParams(seed=7, max_tokens=10))
     c = generate(model, prompt, SamplingParams(seed=8, max_tokens=10))
     assert a[0].token_ids == a[1].token_ids == b[0].token_ids
