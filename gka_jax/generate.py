@@ -83,12 +83,13 @@ def _as_prompts(prompts, tokenizer) -> list[list[int]]:
 
 def generate(model: Model, prompts, sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
              num_iter: int | None = None, tokenizer=None, eos_token_ids: Sequence[int] | None = None,
-             max_length: int | None = None, state_dtype=jnp.float32) -> list[CompletionOutput]:
+             max_length: int | None = None, state_dtype=jnp.float32, on_token=None) -> list[CompletionOutput]:
     """Generate for one prompt or a batch; each prompt is a string (needs a tokenizer) or token ids.
 
     sampling: one ``SamplingParams`` for all prompts or one per prompt. eos_token_ids: tokens that end a
     row (default: the model's, from generation_config.json). max_length: cache length (default: longest
     prompt + the largest max_tokens; without max_tokens, the model's max_position_embeddings).
+    on_token: called as ``on_token(row, token_id)`` for every new token as it is produced (streaming).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     prompt_ids = _as_prompts(prompts, tokenizer)
@@ -139,6 +140,8 @@ def generate(model: Model, prompts, sampling: SamplingParams | Sequence[Sampling
         for i in np.flatnonzero(active):
             out, tok = outputs[i], int(host_tokens[i])
             out.token_ids.append(tok)
+            if on_token is not None:
+                on_token(int(i), tok)
             if tok in stop_ids[i] or tok in eos:
                 out.finish_reason, out.stop_reason = "stop", (tok if tok in stop_ids[i] else None)
             elif params[i].stop_strings and tokenizer is not None and _hit_stop_string(out, tokenizer, params[i]):
