@@ -125,6 +125,7 @@ def _cmd_generate(args) -> int:
                               frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop or None,
                               max_tokens=args.max_new_tokens)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    state_dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.state_dtype, args.state_dtype)
 
     def turn(user_text):
         if args.raw or model.tokenizer.chat_template is None:
@@ -141,7 +142,8 @@ def _cmd_generate(args) -> int:
             printer(row, token)
 
         start = _time.perf_counter()
-        out = generate(model, prompt, sampling, on_token=on_token)[0]
+        out = generate(model, prompt, sampling, on_token=on_token, state_dtype=state_dtype,
+                       report=(lambda line: print(line, file=sys.stderr)) if args.verbose else None)[0]
         printer.finish()
         if not args.raw and model.tokenizer.chat_template is not None:
             from .tokenizer import split_reasoning
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: the checkpoint's)")
     p.add_argument("--mesh", default=None, help="e.g. tp=2")
+    p.add_argument("--state-dtype", default="fp32", help="GKA state dtype: fp32 (default, advised) or bf16")
+    p.add_argument("--verbose", action="store_true", help="report the cache's memory before allocating it")
     p.set_defaults(run=_cmd_generate)
     return parser
 
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, ConvertError, OSError, ValueError, KeyError) as e:
+    except (ConfigError, CheckpointError, ConvertError, OSError, ValueError, KeyError, MemoryError) as e:
         print(f"gka-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

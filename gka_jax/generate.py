@@ -22,6 +22,42 @@ from .sampling import RowParams, SamplingParams, row_params, sample
 BUCKET_MIN = 16
 
 
+class CacheMemoryError(MemoryError):
+    """The cache for this batch and length cannot fit in the device's free memory."""
+
+
+def free_device_bytes(device=None) -> int | None:
+    """Free memory of the device (accelerators: from the runtime; CPU: available host memory)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_cache_fits(model: Model, batch: int, max_length: int, state_dtype, report=None) -> int:
+    """Bytes the cache needs (reported through ``report`` before anything is allocated); raises
+    ``CacheMemoryError`` when they exceed the free memory of the devices that will hold it."""
+    need = model.cache_bytes(batch, max_length, state_dtype)
+    devices = 1 if model.mesh is None else model.mesh.devices.size
+    free = free_device_bytes()
+    if report is not None:
+        report(f"cache: {need / 2**20:,.1f} MiB for batch {batch} x {max_length} tokens"
+               + (f" ({free * devices / 2**20:,.0f} MiB free)" if free is not None else ""))
+    if free is not None and need > free * devices:
+        raise CacheMemoryError(f"the cache needs {need / 2**30:.2f} GiB for batch {batch} x {max_length} tokens "
+                               f"but only {free * devices / 2**30:.2f} GiB is free: lower the batch, max_tokens or "
+                               f"the context")
+    return need
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     """One prompt's result (vLLM names): new tokens, their text, and why generation stopped."""
@@ -83,13 +119,16 @@ def _as_prompts(prompts, tokenizer) -> list[list[int]]:
 
 def generate(model: Model, prompts, sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
              num_iter: int | None = None, tokenizer=None, eos_token_ids: Sequence[int] | None = None,
-             max_length: int | None = None, state_dtype=jnp.float32, on_token=None) -> list[CompletionOutput]:
+             max_length: int | None = None, state_dtype=jnp.float32, on_token=None,
+             report=None) -> list[CompletionOutput]:
     """Generate for one prompt or a batch; each prompt is a string (needs a tokenizer) or token ids.
 
     sampling: one ``SamplingParams`` for all prompts or one per prompt. eos_token_ids: tokens that end a
     row (default: the model's, from generation_config.json). max_length: cache length (default: longest
     prompt + the largest max_tokens; without max_tokens, the model's max_position_embeddings).
     on_token: called as ``on_token(row, token_id)`` for every new token as it is produced (streaming).
+    report: called with one line describing the cache's memory before it is allocated.
+    state_dtype: dtype of the GKA conv and recurrent states (float32, as the model card advises).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     prompt_ids = _as_prompts(prompts, tokenizer)
@@ -121,6 +160,7 @@ def generate(model: Model, prompts, sampling: SamplingParams | Sequence[Sampling
     for i, prompt in enumerate(prompt_ids):
         tokens[i, : len(prompt)] = prompt
     valid = np.arange(padded)[None, :] < lengths[:, None]
+    check_cache_fits(model, batch, max_length, state_dtype, report)
     cache = model.init_cache(batch, max_length, state_dtype=state_dtype)
     logits, cache = model.prefill(tokens, cache, valid=valid, num_iter=num_iter, last_only=True)
     rows = row_params(params)

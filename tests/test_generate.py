@@ -1,6 +1,8 @@
 """generate() and the sampler: goldens, batching that padding cannot leak into, seeds, each sampling
 option checked on the logits/distribution it produces, stop tokens and strings, one compile per run."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,17 @@ def test_stop_string_across_token_boundaries(tiny):
     assert out[0].finish_reason == "stop" and out[0].stop_reason == stop
     assert out[0].token_ids == want[:5]
     assert out[0].text == full[:start]
+
+
+def test_cache_memory_is_reported_and_refused(tiny, monkeypatch):
+    model, _ = tiny
+    lines = []
+    generate(model, [1, 2, 3], SamplingParams(max_tokens=2), report=lines.append)
+    assert len(lines) == 1 and "MiB for batch 1 x" in lines[0]
+    gen = sys.modules["gka_jax.generate"]  # the module (gka_jax.generate is also the function's name)
+    monkeypatch.setattr(gen, "free_device_bytes", lambda device=None: 1000)
+    with pytest.raises(gen.CacheMemoryError, match="the cache needs .* but only"):
+        generate(model, [1, 2, 3], SamplingParams(max_tokens=2))
 
 
 def test_bad_requests(tiny):
