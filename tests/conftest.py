@@ -23,6 +23,14 @@ def golden_dir() -> pathlib.Path:
     return path
 
 
+def fixtures_dir() -> pathlib.Path:
+    """Shared test data (chat template): $GKA_FIXTURES_DIR, else ../shared/fixtures beside the repository."""
+    path = pathlib.Path(os.environ.get("GKA_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
+    if not path.is_dir():
+        raise RuntimeError(f"test fixtures not found at {path}; set GKA_FIXTURES_DIR")
+    return path
+
+
 @pytest.fixture(scope="session")
 def golden():
     return golden_dir()

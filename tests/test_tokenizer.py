@@ -9,7 +9,7 @@ from tokenizers import models, pre_tokenizers
 
 from gka_jax.tokenizer import TemplateError, Tokenizer, split_reasoning
 
-from conftest import golden_dir
+from conftest import fixtures_dir
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
            "<tool_response>", "</tool_response>"]
@@ -24,7 +24,7 @@ def folder(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(SPECIAL)
     tok.save(str(path / "tokenizer.json"))
-    template = (golden_dir().parent / "fixtures" / "qwen3_chat_template.jinja").read_text()
+    template = (fixtures_dir() / "qwen3_chat_template.jinja").read_text()
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None,
          "tokenizer_class": "PreTrainedTokenizerFast"}))
