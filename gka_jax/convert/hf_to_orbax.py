@@ -27,7 +27,7 @@ from ..loading import check_names, leaf_at
 from ..params import param_table
 from ..sharding import describe, param_shardings
 from .layout import (FORMAT, METADATA_FILE, NP_DTYPES, PARAMS_DIR, SIDE_FILES, ConvertError, nested,
-                     param_groups, read_metadata, restore_arrays)
+                     param_groups, read_metadata, restore_arrays, staged_output)
 
 DTYPE_CHOICES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
                  "keep": None}
@@ -102,19 +102,11 @@ def convert(src: str, dst: str, *, dtype: str = "keep", mesh=None, verify: bool 
         shardings_state = param_shardings(abstract_state, mesh)
         abstract_shardings = {e.path: leaf_at(shardings_state, e.path) for e in table}
 
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staged_output(dst) as tmp:
         meta = _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, abstract_shardings, quiet,
                       compress)
         if verify:
-            _verify(tmp, table, meta, abstract_shardings)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _verify(tmp, table, abstract_shardings)
     return meta
 
 
@@ -206,8 +198,8 @@ def _write(checkpoint, src, src_dir, cfg, table, tmp, target_dtype, mesh, shardi
     return meta
 
 
-def _verify(path, table, meta, shardings) -> None:
-    """Restore every group from disk and compare its bytes' sha256 with the metadata."""
+def _verify(path, table, shardings) -> None:
+    """Restore every group from disk and compare its bytes' sha256 with the metadata written there."""
     meta = read_metadata(path)
     want = {t["key"]: t for t in meta["tensors"]}
     dtypes = {k: t["dtype"] for k, t in want.items()}
@@ -218,16 +210,6 @@ def _verify(path, table, meta, shardings) -> None:
             if got != want[entry.key]["sha256"]:
                 raise ConvertError(f"verification failed: {entry.key} ({entry.hf_name}) reads back different "
                                    f"from what was written")
-
-
-def _replace(tmp: str, dst: str) -> None:
-    if os.path.exists(dst):
-        old = f"{dst}.old-{os.getpid()}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
 
 
 __all__ = ["ConfigError", "ConvertError", "convert", "resolve_source"]

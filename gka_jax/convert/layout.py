@@ -11,8 +11,10 @@ shapes with explicit shardings, so no full host copy is ever made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import warnings
 
 import jax
@@ -36,6 +38,29 @@ NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": n
 
 class ConvertError(ValueError):
     """A conversion or restore that cannot proceed, with the reason named."""
+
+
+@contextlib.contextmanager
+def staged_output(dst: str):
+    """Yield a temporary sibling folder of ``dst``; on success it replaces ``dst`` by renames, on any error
+    (or interrupt) it is removed, so no ``dst`` that looks complete is ever left half-written."""
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(dst):
+            old = f"{dst}.old-{os.getpid()}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_converted(path) -> bool:

@@ -18,8 +18,7 @@ from safetensors.numpy import save_file
 
 from ..config import ModelConfig
 from ..params import to_hf
-from .hf_to_orbax import _replace
-from .layout import NP_DTYPES, SIDE_FILES, ConvertError, converted_table, restore_arrays
+from .layout import NP_DTYPES, SIDE_FILES, ConvertError, converted_table, restore_arrays, staged_output
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -43,11 +42,7 @@ def export(src: str, dst: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, ov
         current_bytes += sizes[entry.key]
     shards.append(current)
 
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staged_output(dst) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -63,10 +58,6 @@ def export(src: str, dst: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, ov
         for side in SIDE_FILES:
             if os.path.isfile(os.path.join(src, side)):
                 shutil.copyfile(os.path.join(src, side), os.path.join(tmp, side))
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
 
 
