@@ -15,21 +15,46 @@ from .rope import apply_rope, rope_cos_sin
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def attention_core(q, k, v, mask, precision):
-    """softmax(q k^T / sqrt(D) + mask) v with grouped kv heads.
+QUERY_BLOCK = 512  # queries per step of the XLA path: logits stay [B, Hkv, G, 512, S]
 
-    q [B, T, Hq, D]; k, v [B, S, Hkv, D]; mask [B, T, S] bool (True = attend) -> [B, T, Hq, D].
+
+def attention_core(q, k, v, query_pos, precision):
+    """softmax(q k^T / sqrt(D) + mask) v with grouped kv heads; key slot s is visible to query t when
+    s <= query_pos[b, t].
+
+    q [B, T, Hq, D]; k, v [B, S, Hkv, D]; query_pos [B, T] int -> [B, T, Hq, D]. Long query blocks are
+    processed QUERY_BLOCK at a time (``lax.map``) so the logits never take [B, H, T, S] memory.
     """
     b, t, num_heads, d = q.shape
     num_kv = k.shape[2]
-    q = q.reshape(b, t, num_kv, num_heads // num_kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=precision,
-                        preferred_element_type=acc_dtype(q.dtype)) * (d ** -0.5)
-    logits = jnp.where(mask[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
-                     preferred_element_type=acc_dtype(v.dtype))
-    return out.reshape(b, t, num_heads, d).astype(q.dtype)
+    key_slot = jnp.arange(k.shape[1])
+
+    def attend(q_blk, pos_blk):                                         # [B, t, Hq, D], [B, t]
+        tb = q_blk.shape[1]
+        q_blk = q_blk.reshape(b, tb, num_kv, num_heads // num_kv, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q_blk, k, precision=precision,
+                            preferred_element_type=acc_dtype(q.dtype)) * (d ** -0.5)
+        mask = key_slot[None, None, :] <= pos_blk[:, :, None]           # [B, t, S]
+        logits = jnp.where(mask[:, None, None], logits, _MASKED)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
+                         preferred_element_type=acc_dtype(v.dtype))
+        return out.reshape(b, tb, num_heads, d).astype(q.dtype)
+
+    if t <= QUERY_BLOCK or t % QUERY_BLOCK:
+        return attend(q, query_pos)
+    blocks = t // QUERY_BLOCK
+    q_blocks = jnp.moveaxis(q.reshape(b, blocks, QUERY_BLOCK, num_heads, d), 1, 0)
+    pos_blocks = jnp.moveaxis(query_pos.reshape(b, blocks, QUERY_BLOCK), 1, 0)
+    out = jax.lax.map(lambda xs: attend(*xs), (q_blocks, pos_blocks))  # [N, B, block, Hq, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, num_heads, d)
+
+
+def use_flash_attention(q) -> bool:
+    """cuDNN's fused causal attention (jax.nn.dot_product_attention) serves fresh prefill on GPU in
+    16-bit dtypes; float32 models keep the exact XLA path."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
 class Attention(nnx.Module):
@@ -75,14 +100,14 @@ class Attention(nnx.Module):
             k=cache.k.at[rows, slots].set(k.astype(cache.k.dtype), mode="drop"),
             v=cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"),
         )
-        if fresh:
-            t = x.shape[1]
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (x.shape[0], t, t))
-            out = attention_core(q, k, v, mask, p)
+        if fresh and use_flash_attention(q):
+            # Rows are right-padded, so causal attention never lets a real token see padding.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        elif fresh:
+            local = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+            out = attention_core(q, k, v, local, p)
         else:
-            key_pos = jnp.arange(max_len)
-            mask = key_pos[None, None, :] <= positions[:, :, None]      # [B, T, S]
-            out = attention_core(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype), mask, p)
+            out = attention_core(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype), positions, p)
         y = jnp.einsum("bthd,ehd->bte", out, self.o_proj[...], precision=p)
         if cfg.attention_bias:
             y = y + self.o_bias[...]

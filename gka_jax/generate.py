@@ -9,6 +9,7 @@ cache donated; rows that have finished are frozen (``valid`` False) until the wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -20,6 +21,7 @@ from .runtime import ContextOverflowError, Model
 from .sampling import RowParams, SamplingParams, row_params, sample
 
 BUCKET_MIN = 16
+MAX_PREFILL_TOKENS = 32768  # prompt tokens prefilled in one call (rows are grouped to stay under it)
 
 
 class CacheMemoryError(MemoryError):
@@ -93,6 +95,44 @@ def _decode_and_sample(graphdef, params, tokens, cache, valid, rows, seen, count
     return next_tokens, cache, seen, counts
 
 
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert_rows(cache, part, start):
+    """Write the rows of cache ``part`` into ``cache`` from row ``start`` on (every leaf is batch-first)."""
+    return jax.tree.map(lambda full, rows: jax.lax.dynamic_update_slice_in_dim(full, rows, start, 0), cache, part)
+
+
+def prefill_in_groups(model: Model, tokens, valid, max_length: int, *, state_dtype, num_iter,
+                      max_prefill_tokens: int = MAX_PREFILL_TOKENS):
+    """Prefill [B, T] prompts a group of rows at a time, so activation memory stays bounded by
+    ``max_prefill_tokens`` whatever the batch. Every group has the same number of rows (the last one is
+    filled with all-padding rows that are dropped), so prefill compiles once.
+
+    Returns (logits of each row's last prompt token [B, 1, V], the cache for all B rows).
+    """
+    batch, length = tokens.shape
+    rows = min(batch, max(1, max_prefill_tokens // length))
+    if rows == batch:
+        cache = model.init_cache(batch, max_length, state_dtype=state_dtype)
+        return model.prefill(tokens, cache, valid=valid, num_iter=num_iter, last_only=True)
+    groups = -(-batch // rows)
+    pad = groups * rows - batch
+    tokens = np.concatenate([tokens, np.zeros((pad, length), tokens.dtype)])
+    valid = np.concatenate([valid, np.zeros((pad, length), bool)])
+    cache = model.init_cache(batch, max_length, state_dtype=state_dtype)
+    logits = []
+    for group in range(groups):
+        rows_here = slice(group * rows, (group + 1) * rows)
+        part = model.init_cache(rows, max_length, state_dtype=state_dtype)
+        group_logits, part = model.prefill(tokens[rows_here], part, valid=valid[rows_here], num_iter=num_iter,
+                                           last_only=True)
+        keep = min(rows, batch - group * rows)
+        if keep < rows:
+            part = jax.tree.map(lambda x: x[:keep], part)
+        cache = _insert_rows(cache, part, group * rows)
+        logits.append(group_logits[:keep])
+    return jnp.concatenate(logits), cache
+
+
 first_token = jax.jit(_first_token, donate_argnames=("seen", "counts"))
 decode_and_sample = jax.jit(_decode_and_sample, static_argnums=(0,), static_argnames=("num_iter", "backend"),
                             donate_argnames=("cache", "seen", "counts"))
@@ -120,7 +160,7 @@ def _as_prompts(prompts, tokenizer) -> list[list[int]]:
 def generate(model: Model, prompts, sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
              num_iter: int | None = None, tokenizer=None, eos_token_ids: Sequence[int] | None = None,
              max_length: int | None = None, state_dtype=jnp.float32, on_token=None,
-             report=None) -> list[CompletionOutput]:
+             report=None, max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> list[CompletionOutput]:
     """Generate for one prompt or a batch; each prompt is a string (needs a tokenizer) or token ids.
 
     sampling: one ``SamplingParams`` for all prompts or one per prompt. eos_token_ids: tokens that end a
@@ -129,6 +169,8 @@ def generate(model: Model, prompts, sampling: SamplingParams | Sequence[Sampling
     on_token: called as ``on_token(row, token_id)`` for every new token as it is produced (streaming).
     report: called with one line describing the cache's memory before it is allocated.
     state_dtype: dtype of the GKA conv and recurrent states (float32, as the model card advises).
+    max_prefill_tokens: padded prompt tokens prefilled per call; larger batches are prefilled a group of
+    rows at a time (bounds activation memory; results are the same).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     prompt_ids = _as_prompts(prompts, tokenizer)
@@ -160,9 +202,11 @@ def generate(model: Model, prompts, sampling: SamplingParams | Sequence[Sampling
     for i, prompt in enumerate(prompt_ids):
         tokens[i, : len(prompt)] = prompt
     valid = np.arange(padded)[None, :] < lengths[:, None]
+    if max_prefill_tokens < 1:
+        raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
     check_cache_fits(model, batch, max_length, state_dtype, report)
-    cache = model.init_cache(batch, max_length, state_dtype=state_dtype)
-    logits, cache = model.prefill(tokens, cache, valid=valid, num_iter=num_iter, last_only=True)
+    logits, cache = prefill_in_groups(model, tokens, valid, max_length, state_dtype=state_dtype,
+                                      num_iter=num_iter, max_prefill_tokens=max_prefill_tokens)
     rows = row_params(params)
     seen_host = np.zeros((batch, vocab), bool)
     for i, prompt in enumerate(prompt_ids):

@@ -10,7 +10,7 @@ import pytest
 
 import gka_jax
 from gka_jax import SamplingParams, generate
-from gka_jax.generate import bucket_length, decode_and_sample
+from gka_jax.generate import bucket_length, decode_and_sample, prefill_in_groups
 from gka_jax.sampling import apply_penalties, filter_logits, row_params, sample
 
 from conftest import load_case
@@ -34,6 +34,29 @@ def test_greedy_equals_golden_and_batch_equals_alone(tiny):
         assert batched[row].finish_reason == "length"
     alone = generate(model, prompts[2], greedy)
     assert alone[0].token_ids == batched[2].token_ids
+
+
+def test_prefill_in_row_groups_equals_one_call(tiny):
+    """Prefilling a batch a few rows at a time (bounded activation memory) changes nothing: the same
+    tokens and the same cache, including the uneven last group that is padded with empty rows."""
+    model, arrays = tiny
+    ids = arrays["input_ids"]
+    prompts = [ids[0].tolist(), ids[1, :9].tolist(), ids[1].tolist(), ids[0, :5].tolist(), ids[1, :3].tolist()]
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    whole = generate(model, prompts, greedy)
+    grouped = generate(model, prompts, greedy, max_prefill_tokens=128)  # bucket 64 -> 2 rows per group
+    assert [o.token_ids for o in grouped] == [o.token_ids for o in whole]
+
+    tokens = np.zeros((5, 64), np.int32)
+    valid = np.zeros((5, 64), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)], valid[i, :len(p)] = p, True
+    one = prefill_in_groups(model, tokens, valid, 70, state_dtype=jnp.float32, num_iter=None)
+    two = prefill_in_groups(model, tokens, valid, 70, state_dtype=jnp.float32, num_iter=None,
+                                             max_prefill_tokens=128)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6)
 
 
 def test_seeds(tiny):

@@ -150,3 +150,23 @@ def test_bad_tokens_are_clear_errors():
         model(jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match=r"integer ids"):
         model(jnp.zeros((1, 3), jnp.float32))
+
+
+def test_attention_in_query_blocks_is_exact(monkeypatch):
+    """Long prompts run attention a block of queries at a time (bounded logits memory); fresh prefill and
+    extend over a cache give the same logits as one block, in float64."""
+    from gka_jax import attention
+
+    with jax.enable_x64(True):
+        model = model64()
+        ids = tokens(5, 2, 64)
+        whole = np.asarray(model(ids))
+        extend_whole, _ = model.extend(ids[:, 32:], model.prefill(ids[:, :32], model.init_cache(2, 64, jnp.float64))[1])
+        monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+        jax.clear_caches()
+        blocked = np.asarray(model(ids))
+        extend_blocked, _ = model.extend(ids[:, 32:], model.prefill(ids[:, :32], model.init_cache(2, 64, jnp.float64))[1])
+        jax.clear_caches()
+    assert rel(blocked, whole) < EXACT64
+    assert rel(extend_blocked, extend_whole) < EXACT64
+    assert rel(extend_whole, whole[:, 32:]) < EXACT64
