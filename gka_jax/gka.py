@@ -176,11 +176,9 @@ class GKA(nnx.Module):
             squeeze = lambda a: None if a is None else a[:, 0]  # noqa: E731
             res = kernels.gka_decode(*(squeeze(f[n]) for n in ("q", "k", "v", "beta", "g", "alpha")),
                                      cache.h_kk, cache.h_kv, **{**common, "g_kk": squeeze(f["g_kk"])})
-            o, x_sol = res.o[:, None], res.x[:, None]
-            # A padded row (no real token) keeps its state exactly.
-            keep = ~valid[:, 0][:, None, None, None]
-            h_kk = jnp.where(keep, cache.h_kk, res.h_kk)
-            h_kv = jnp.where(keep, cache.h_kv, res.h_kv)
+            # A frozen row (valid False) has k = v = 0 and g = 0, so its states come back unchanged
+            # (exp(0) H + 0); no select here, which keeps the kernel's in-place state update in place.
+            o, x_sol, h_kk, h_kv = res.o[:, None], res.x[:, None], res.h_kk, res.h_kv
         else:
             res = kernels.gka_prefill(f["q"], f["k"], f["v"], f["beta"], f["g"], f["alpha"],
                                       cache.h_kk, cache.h_kv, chunk_size=gc.chunk_size, **common)

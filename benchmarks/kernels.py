@@ -1,0 +1,442 @@
+"""GKA kernels on the GPU: exactness and speed against the XLA path and the reference's Triton kernels.
+
+    python benchmarks/kernels.py                        # everything (GPU; reference if .ref/.whl are set up)
+    python benchmarks/kernels.py --no-reference --quick # ours only, small
+
+Shapes: B=1, H=32 query heads, Hkv=8, D=Dv=128, chunk 64, bf16 activations, fp32 states and gates (the 8B
+model's GKA layer). Sections:
+  * errors: each Pallas kernel and the whole prefill / decode against the pure-JAX path (fp32, HIGHEST) and
+    against float64 (the same chunked reference evaluated in float64: on CPU it equals the per-token
+    float64 oracle to 1e-10, see tests/test_kernels.py); the reference's outputs against float64 too;
+  * prefill: state pass, solve, GLA and the whole prefill, ms (median of CUDA-synchronised calls), ours vs
+    the XLA path vs the reference (training path: latent_chebyshev + fla chunk_simple_gla; vLLM path:
+    chebyshev_prefill_gqa + chunk_simple_gla_gqa) at T = 4K and 16K, num_iter 30 and 10;
+  * decode: one token at batch 1, 32, 128; ms, GB/s of the fp32 h_kk + h_kv bytes read and written, and the
+    fraction of the copy bandwidth measured in the same run (torch device-to-device copy);
+  * layer: the whole 8B-shape GKA layer (projections, convs, gates, norm, output) at T = 4K and 16K.
+Writes the rows as JSON lines to --out (default $OUT or .) and prints markdown tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # leave room for torch in the same process
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gka_jax import kernels  # noqa: E402
+from gka_jax.kernels import pallas_chunk, pallas_decode, pallas_prefill, pallas_solve, reference  # noqa: E402
+
+HIGHEST = jax.lax.Precision.HIGHEST
+RIDGE = 0.02
+H, HKV, D = 32, 8, 128
+SCALE = D ** -0.5
+ROWS: list[dict] = []
+PALLAS = "pallas"   # "pallas_interpret" with --smoke (CPU check of this script at tiny shapes)
+INTERPRET = False
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def record(section, **row):
+    row = dict(section=section, **row)
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def time_jax(fn, *args, iters=10, warmup=2) -> float:
+    """Median ms of fn(*args) (already jitted), each call synchronised."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_inputs(seed, b, t, decode=False):
+    """Unit-norm q/k, random v, beta in (0, 1] + 1e-6, decays g in the model's range, alpha in (0, 1)."""
+    h, hkv, d = H, HKV, D
+    rng = np.random.default_rng(seed)
+    shape = (b, h) if decode else (b, t, h)
+    kv_shape = (b, hkv) if decode else (b, t, hkv)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    return dict(
+        q=unit(rng.standard_normal(shape + (d,))).astype(np.float32),
+        k=unit(rng.standard_normal(kv_shape + (d,))).astype(np.float32),
+        v=rng.standard_normal(kv_shape + (d,)).astype(np.float32),
+        beta=(1 / (1 + np.exp(-rng.standard_normal(shape))) + 1e-6).astype(np.float32),
+        g=(-np.exp(rng.uniform(-6, 0, shape))).astype(np.float32),
+        alpha=rng.uniform(size=shape).astype(np.float32),
+    )
+
+
+def decode_states(seed, b, tokens=64):
+    """Realistic states: h_kk = sum of outer products of unit keys (symmetric PSD)."""
+    h, d = H, D
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((b, h, tokens, d)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+    h_kk = np.einsum("bhnd,bhne->bhde", keys, keys).astype(np.float32)
+    h_kv = np.einsum("bhnd,bhne->bhde", keys, rng.standard_normal((b, h, tokens, d))).astype(np.float32)
+    return h_kk, h_kv
+
+
+def to_jax(inp, act_dtype):
+    """q, k, v, alpha in the activation dtype; beta, g float32 (as the model computes them)."""
+    out = {n: jnp.asarray(x, act_dtype if n in ("q", "k", "v", "alpha") else jnp.float32) for n, x in inp.items()}
+    return out
+
+
+def f64(inp_jax):
+    return {n: np.asarray(jnp.asarray(x, jnp.float32), np.float64) for n, x in inp_jax.items()}
+
+
+# ----------------------------------------------------------------------------- ours
+def prefill_fns(num_iter, precision):
+    common = dict(num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE, chunk_size=64)
+
+    def run(backend, x, h_kk, h_kv, prec=precision):
+        return kernels.gka_prefill(x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv,
+                                   backend=backend, precision=prec, **common)
+    return run
+
+
+def pieces_pallas(x, num_iter, precision):
+    """The three Pallas kernels separately (jitted each), for timing."""
+    zeros_kk = jnp.zeros((x["q"].shape[0], H, D, D), jnp.float32)
+    prec = pallas_prefill._kernel_precision(precision)
+    state = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], x["v"], x["beta"], x["g"], None, zeros_kk, zeros_kk,
+                                                      chunk_size=64, precision=prec, interpret=INTERPRET))
+    kk_starts, kv_starts, _, _ = state(x)
+    solve = jax.jit(lambda x, s: pallas_solve.chebyshev_solve(x["q"], x["k"], x["beta"], x["g"], s,
+                                                              num_iter=num_iter, ridge_strength=RIDGE,
+                                                              chunk_size=64, precision=prec,
+                                                              interpret=INTERPRET))
+    gla = jax.jit(lambda x, s: pallas_chunk.gla_output(x["q"], x["k"], x["v"], x["beta"], x["g"], s, scale=SCALE,
+                                                       chunk_size=64, precision=prec, interpret=INTERPRET))
+    return dict(state_pass=(state, (x,)), solve=(solve, (x, kk_starts)), gla=(gla, (x, kv_starts)))
+
+
+# ----------------------------------------------------------------------------- sections
+def section_errors(args, ref):
+    """Errors at a size the float64 path handles quickly: B=2, T=1000 (not a multiple of 64)."""
+    b, t = 2, 1000 if not args.quick else 200
+    if args.smoke:
+        t = 100
+    for num_iter in (30, 10):
+        raw = make_inputs(1, b, t)
+        x32 = to_jax(raw, jnp.float32)
+        zeros = jnp.zeros((b, H, D, D), jnp.float32)
+        xbf = to_jax(raw, jnp.bfloat16)
+
+        def exact(inputs):  # float64 result for these (already rounded) inputs
+            with jax.enable_x64(True):
+                x64 = {n: jnp.asarray(v, jnp.float64) for n, v in f64(inputs).items()}
+                z64 = jnp.zeros((b, H, D, D), jnp.float64)
+                res = jax.jit(prefill_fns(num_iter, HIGHEST), static_argnums=0)("xla", x64, z64, z64)
+                return jax.tree.map(np.asarray, res)
+
+        want32, want_bf = exact(x32), exact(xbf)
+        runs = {
+            "xla fp32 HIGHEST": jax.jit(prefill_fns(num_iter, HIGHEST), static_argnums=0)("xla", x32, zeros, zeros),
+            "pallas fp32 HIGHEST": jax.jit(prefill_fns(num_iter, HIGHEST), static_argnums=0)(PALLAS, x32, zeros, zeros),
+            "pallas TF32": jax.jit(prefill_fns(num_iter, jax.lax.Precision.DEFAULT), static_argnums=0)(
+                PALLAS, x32, zeros, zeros),
+        }
+        runs["pallas bf16 act, TF32"] = jax.jit(prefill_fns(num_iter, jax.lax.Precision.DEFAULT),
+                                                static_argnums=0)(PALLAS, xbf, zeros, zeros)
+        if ref is not None:
+            for name, fn in (("reference training bf16", ref.prefill), ("reference vLLM bf16", ref.vllm_prefill)):
+                try:
+                    o, xs, h_kk, h_kv = fn(*ref_args(xbf), num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE)
+                    runs[name] = reference.GKAResult(*(np.asarray(a.float().cpu()) for a in (o, xs, h_kk, h_kv)))
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    record("errors", what=name, failed=repr(exc)[:300])
+        for name, res in runs.items():
+            want = want_bf if "bf16" in name else want32
+            record("errors", what=f"prefill {name}", num_iter=num_iter, B=b, T=t,
+                   o=rel(res.o, want.o), x=rel(res.x, want.x), h_kk=rel(res.h_kk, want.h_kk),
+                   h_kv=rel(res.h_kv, want.h_kv))
+        # decode (float32 inputs for ours; the reference's bf16 run is compared with its rounded inputs)
+        draw = make_inputs(2, 8, 1, decode=True)
+        kk, kv = decode_states(3, 8)
+        d32, dbf = to_jax(draw, jnp.float32), to_jax(draw, jnp.bfloat16)
+
+        def exact_decode(inputs):
+            with jax.enable_x64(True):
+                d64 = {n: jnp.asarray(v, jnp.float64) for n, v in f64(inputs).items()}
+                res = reference.gka_decode(d64["q"], d64["k"], d64["v"], d64["beta"], d64["g"], d64["alpha"],
+                                           jnp.asarray(kk, jnp.float64), jnp.asarray(kv, jnp.float64),
+                                           num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE)
+                return jax.tree.map(np.asarray, res)
+
+        want = exact_decode(d32)
+        for backend in ("xla", PALLAS):
+            res = kernels.gka_decode(d32["q"], d32["k"], d32["v"], d32["beta"], d32["g"], d32["alpha"],
+                                     jnp.asarray(kk), jnp.asarray(kv), num_iter=num_iter, ridge_strength=RIDGE,
+                                     scale=SCALE, precision=HIGHEST, backend=backend)
+            record("errors", what=f"decode {backend} fp32", num_iter=num_iter, B=8, o=rel(res.o, want.o),
+                   x=rel(res.x, want.x), h_kk=rel(res.h_kk, want.h_kk), h_kv=rel(res.h_kv, want.h_kv))
+        if ref is not None:
+            try:
+                import torch
+                tk, tv = torch.tensor(kk, device="cuda"), torch.tensor(kv, device="cuda")
+                o, h_kk, h_kv = ref.decode(*ref_args(dbf), tk, tv, num_iter=num_iter, ridge_strength=RIDGE,
+                                           scale=SCALE)
+                want = exact_decode(dbf)
+                record("errors", what="decode reference vLLM bf16", num_iter=num_iter, B=8,
+                       o=rel(o.float().cpu(), want.o), h_kk=rel(h_kk.cpu(), want.h_kk),
+                       h_kv=rel(h_kv.float().cpu(), want.h_kv))
+            except Exception as exc:  # noqa: BLE001
+                record("errors", what="decode reference", failed=repr(exc)[:300])
+
+
+def ref_args(x):
+    """Our jax inputs -> torch CUDA tensors (same values) in our layout, for the reference harness."""
+    import torch
+    out = []
+    for n in ("q", "k", "v", "beta", "g", "alpha"):
+        a = np.asarray(jnp.asarray(x[n], jnp.float32))
+        t = torch.tensor(a, device="cuda")
+        out.append(t.to(torch.bfloat16) if x[n].dtype == jnp.bfloat16 else t)
+    return out
+
+
+def section_prefill(args, ref):
+    lengths = (200,) if args.smoke else (4096,) if args.quick else (4096, 16384)
+    for t in lengths:
+        raw = make_inputs(4, 1, t)
+        xbf = to_jax(raw, jnp.bfloat16)
+        zeros = jnp.zeros((1, H, D, D), jnp.float32)
+        for num_iter in (30, 10):
+            row = dict(T=t, num_iter=num_iter)
+            for name, (fn, fargs) in pieces_pallas(xbf, num_iter, jax.lax.Precision.DEFAULT).items():
+                row[f"ours {name}"] = time_jax(fn, *fargs)
+            for label, backend, prec in (("ours total", PALLAS, jax.lax.Precision.DEFAULT),
+                                         ("ours total fp32-exact", PALLAS, HIGHEST),
+                                         ("xla total", "xla", jax.lax.Precision.DEFAULT)):
+                fn = jax.jit(functools.partial(prefill_fns(num_iter, prec), backend))
+                row[label] = time_jax(fn, xbf, zeros, zeros, iters=5 if backend == "xla" else 10)
+            if ref is not None:
+                row.update(time_reference_prefill(ref, xbf, num_iter))
+            record("prefill", **row)
+
+
+def time_reference_prefill(ref, xbf, num_iter):
+    out = {}
+    try:
+        q, k, v, beta, g, alpha = ref_args(xbf)
+        inp = ref.prefill_inputs(q, k, v, beta, g, alpha)
+        x, _ = ref.prefill_solve(inp, num_iter=num_iter, ridge_strength=RIDGE)
+        q_mixed = ref.prefill_mix(inp, x)
+        out["ref solve"] = ref.time_cuda(lambda: ref.prefill_solve(inp, num_iter=num_iter, ridge_strength=RIDGE))
+        out["ref gla"] = ref.time_cuda(lambda: ref.prefill_gla(inp, q_mixed, scale=SCALE))
+        out["ref total"] = ref.time_cuda(lambda: ref.prefill_core(inp, num_iter=num_iter, ridge_strength=RIDGE,
+                                                                  scale=SCALE))
+    except Exception as exc:  # noqa: BLE001
+        out["ref failed"] = repr(exc)[:300]
+        traceback.print_exc()
+    try:
+        vin = ref.vllm_prefill_inputs(*ref_args(xbf))
+        out["ref vllm total"] = ref.time_cuda(lambda: ref.vllm_prefill_core(vin, num_iter=num_iter,
+                                                                            ridge_strength=RIDGE, scale=SCALE))
+    except Exception as exc:  # noqa: BLE001
+        out["ref vllm failed"] = repr(exc)[:300]
+        traceback.print_exc()
+    return out
+
+
+def section_decode(args, ref, copy_gbps):
+    batches = (1, 2) if args.smoke else (1, 32) if args.quick else (1, 32, 128)
+    for b in batches:
+        raw = make_inputs(5, b, 1, decode=True)
+        xbf = to_jax(raw, jnp.bfloat16)
+        kk, kv = decode_states(6, b)
+        bytes_moved = b * H * (D * D + D * D) * 4 * 2
+        for num_iter in (30, 10):
+            row = dict(B=b, num_iter=num_iter, state_MB=bytes_moved / 2 / 1e6)
+            for backend in (PALLAS, "xla"):
+                step = jax.jit(functools.partial(decode_step, backend=backend, num_iter=num_iter),
+                               donate_argnums=(1, 2))
+                h_kk, h_kv = jnp.asarray(kk), jnp.asarray(kv)
+                for _ in range(3):
+                    o, h_kk, h_kv = step(xbf, h_kk, h_kv)
+                jax.block_until_ready(h_kk)
+                times = []
+                for _ in range(20):
+                    start = time.perf_counter()
+                    o, h_kk, h_kv = step(xbf, h_kk, h_kv)
+                    jax.block_until_ready((o, h_kk, h_kv))
+                    times.append((time.perf_counter() - start) * 1e3)
+                ms = statistics.median(times)
+                row[f"{backend} ms"] = ms
+                row[f"{backend} GB/s"] = bytes_moved / ms / 1e6
+                if copy_gbps:
+                    row[f"{backend} % of copy BW"] = 100 * bytes_moved / ms / 1e6 / copy_gbps
+            if ref is not None:
+                try:
+                    import torch
+                    args_t = ref_args(xbf)
+                    tk, tv = torch.tensor(kk, device="cuda"), torch.tensor(kv, device="cuda")
+                    inp = ref.decode_inputs(*args_t, num_iter=num_iter)
+                    ms = ref.time_cuda(lambda: ref.decode_core(inp, tk, tv, num_iter=num_iter,
+                                                               ridge_strength=RIDGE, scale=SCALE), iters=20)
+                    row["ref ms"] = ms
+                    row["ref GB/s"] = bytes_moved / ms / 1e6
+                except Exception as exc:  # noqa: BLE001
+                    row["ref failed"] = repr(exc)[:300]
+                    traceback.print_exc()
+            record("decode", **row)
+
+
+def decode_step(x, h_kk, h_kv, *, backend, num_iter):
+    res = kernels.gka_decode(x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv, num_iter=num_iter,
+                             ridge_strength=RIDGE, scale=SCALE, precision=jax.lax.Precision.DEFAULT, backend=backend)
+    return res.o, res.h_kk, res.h_kv
+
+
+def section_layer(args, ref):
+    import gka_jax
+    from flax import nnx
+    from gka_jax.cache import init_cache
+    from gka_jax.config import GKA as GKA_KIND
+    from gka_jax.gka import GKA as GKALayer
+
+    cfg = gka_jax.preset("GKA-primed-HQwen3-8B-Reasoner")
+    layer = GKALayer(cfg, jnp.bfloat16, jax.lax.Precision.DEFAULT, nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    gka_index = cfg.layer_types.index(GKA_KIND)
+    for t in ((4096,) if args.quick else (4096, 16384)):
+        x = jax.random.normal(jax.random.PRNGKey(1), (1, t, cfg.hidden_size), jnp.bfloat16)
+        valid = jnp.ones((1, t), bool)
+        cache = init_cache(cfg, 1, 16, jnp.bfloat16).layers[gka_index]
+        row = dict(T=t, num_iter=30)
+        for backend in (PALLAS, "xla"):
+            fn = jax.jit(lambda p, x, c, backend=backend: nnx.merge(graphdef, p)(x, valid, c, num_iter=30,
+                                                                               backend=backend)[0])
+            row[f"{backend} ms"] = time_jax(fn, params, x, cache, iters=5)
+        if ref is not None:
+            try:
+                import torch
+                run = ref.layer_8b(1, t, torch.bfloat16, num_iter=30)
+                row["ref ms"] = ref.time_cuda(run, iters=5)
+                del run
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001
+                row["ref failed"] = repr(exc)[:300]
+                traceback.print_exc()
+        record("layer", **row)
+
+
+def copy_bandwidth() -> float | None:
+    """Device-to-device copy bandwidth (read + write) in GB/s, measured with torch."""
+    try:
+        import torch
+        src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / 20
+        del src, dst
+        return 2 * 2**30 / seconds / 1e9
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def print_tables():
+    by_section: dict[str, list[dict]] = {}
+    for row in ROWS:
+        by_section.setdefault(row["section"], []).append(row)
+    for section, rows in by_section.items():
+        keys = []
+        for row in rows:
+            keys += [k for k in row if k != "section" and k not in keys]
+        print(f"\n### {section}\n")
+        print("| " + " | ".join(keys) + " |")
+        print("|" + " --- |" * len(keys))
+        for row in rows:
+            cells = []
+            for k in keys:
+                v = row.get(k, "")
+                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+            print("| " + " | ".join(cells) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sections", default="errors,prefill,decode,layer")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check of this script: tiny shapes, Pallas in interpret mode, no reference")
+    args = parser.parse_args()
+    if args.smoke:
+        global H, HKV, D, SCALE, PALLAS, INTERPRET
+        H, HKV, D, SCALE, PALLAS, INTERPRET = 4, 2, 16, 16 ** -0.5, "pallas_interpret", True
+        args.quick, args.no_reference = True, True
+        args.sections = args.sections.replace(",layer", "")
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, backends here: "
+          f"{kernels.available_backends()}", flush=True)
+    ref = None
+    if not args.no_reference:
+        try:
+            from benchmarks import reference_gka as ref
+            ref.prune_autotune()
+        except Exception as exc:  # noqa: BLE001
+            print(f"# reference unavailable: {exc!r}", flush=True)
+            ref = None
+    copy_gbps = copy_bandwidth()
+    record("machine", device=jax.devices()[0].device_kind, jax=jax.__version__, copy_GBps=copy_gbps,
+           pallas=pallas_decode.AVAILABLE)
+    for section in args.sections.split(","):
+        start = time.perf_counter()
+        try:
+            if section == "errors":
+                section_errors(args, ref)
+            elif section == "prefill":
+                section_prefill(args, ref)
+            elif section == "decode":
+                section_decode(args, ref, copy_gbps)
+            elif section == "layer":
+                section_layer(args, ref)
+        except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
+            traceback.print_exc()
+            record(section, failed=repr(exc)[:500])
+        print(f"# section {section}: {time.perf_counter() - start:.0f} s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernels.jsonl"), "w") as f:
+        for row in ROWS:
+            f.write(json.dumps(row) + "\n")
+    print_tables()
+
+
+if __name__ == "__main__":
+    main()

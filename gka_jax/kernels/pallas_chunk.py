@@ -1,0 +1,240 @@
+"""Pallas GPU (Triton lowering) kernels for the chunked GKA state pass and the chunked simple-GLA output.
+
+Per (batch, query head h) with keys k_t, values v_t (kv head h // group, both times beta_t[h]), chunks of C
+tokens, G_t the within-chunk inclusive cumsum of the log-decay and G_last its value at the chunk's last token:
+
+    state pass:  X_{n+1} = exp(G_last) X_n + sum_s exp(G_last - G_s) k_s w_s^T
+                 with X = h_kk (w = k, decay g_kk) and X = h_kv (w = v, decay g); X_0 the initial state.
+    output:      o_t = scale * (exp(G_t) S_n^T q_t + sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s)
+                 with S_n = h_kv at the start of the token's chunk n.
+
+``state_pass`` follows fla's ``chunk_fwd_h``: one program per (column block of [h_kk | h_kv], row block, head,
+batch) walks the N chunks in a ``lax.fori_loop`` with its fp32 state block in registers, storing it as each
+chunk's start. ``gla_output`` runs one program per (column block of o, chunk, head, batch). A sequence whose
+length is not a multiple of the chunk is zero-padded in the wrapper (zero k, v, g change no state).
+
+Triton lowering constraints honoured here: every loaded/stored/computed block has power-of-2 sizes, every dot
+is 2-D with dims >= 16 and an explicit precision, no scratch memory, no slicing of values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # The Triton lowering is deprecated upstream; a jax without it still imports this module.
+    from jax.experimental.pallas import triton as pltriton
+    AVAILABLE = True
+except ImportError:  # pragma: no cover
+    pltriton = None
+    AVAILABLE = False
+
+HIGHEST = jax.lax.Precision.HIGHEST
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- helpers
+def _compiler_params(num_warps, num_stages, interpret):
+    if pltriton is None:
+        if not interpret:
+            raise RuntimeError("jax.experimental.pallas.triton is unavailable: only interpret=True works")
+        return None
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _check_block(name: str, size: int, *extents: int):
+    if size < 16 or size & (size - 1) or any(e % size for e in extents):
+        raise ValueError(f"{name}={size} must be a power of 2 >= 16 dividing {extents}")
+
+
+def _pad_time(x: jax.Array | None, length: int) -> jax.Array | None:
+    """Zero-pad axis 1 (time) of x to ``length``."""
+    if x is None or x.shape[1] == length:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, length - x.shape[1])
+    return jnp.pad(x, pad)
+
+
+def _last(x: jax.Array) -> jax.Array:
+    """x[-1] of a 1-D value without slicing it (value slices do not lower to Triton); exact."""
+    idx = jnp.arange(x.shape[0])
+    return jnp.sum(jnp.where(idx == x.shape[0] - 1, x, 0.0))
+
+
+def _dot(a, b, precision):
+    return jnp.dot(a, b, precision=precision, preferred_element_type=F32)
+
+
+# ----------------------------------------------------------------------------- state pass
+def _state_pass_kernel(*refs, chunk, num_chunks, block_k, block_v, num_kk_blocks, has_beta, has_g_kk,
+                       precision):
+    refs = list(refs)
+    k_ref, v_ref = refs.pop(0), refs.pop(0)         # [Tp, D], [Tp, Dv] (this kv head)
+    beta_ref = refs.pop(0) if has_beta else None    # [Tp]
+    g_ref = refs.pop(0)                             # [Tp]
+    g_kk_ref = refs.pop(0) if has_g_kk else g_ref   # [Tp]
+    h_kk0_ref, h_kv0_ref, kk_starts_ref, kv_starts_ref, kk_final_ref, kv_final_ref = refs
+    col_block = pl.program_id(0)
+    row0 = pl.program_id(1) * block_k
+
+    def run(values_ref, col0, gate_ref, init_ref, starts_ref, final_ref):
+        def body(n, state):                          # state [BK, BV] f32
+            rows = pl.ds(n * chunk, chunk)
+            starts_ref[n] = state
+            gcum = jnp.cumsum(gate_ref[rows].astype(F32))           # [C]
+            g_last = _last(gcum)
+            weight = jnp.exp(g_last - gcum)                          # [C]
+            if beta_ref is not None:
+                beta = beta_ref[rows].astype(F32)
+                weight = weight * beta * beta
+            keys = k_ref[rows, pl.ds(row0, block_k)].astype(F32) * weight[:, None]   # [C, BK]
+            values = values_ref[rows, pl.ds(col0, block_v)].astype(F32)             # [C, BV]
+            return jnp.exp(g_last) * state + _dot(keys.T, values, precision)
+
+        final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, init_ref[...].astype(F32))
+
+    @pl.when(col_block < num_kk_blocks)
+    def _():
+        run(k_ref, col_block * block_v, g_kk_ref, h_kk0_ref, kk_starts_ref, kk_final_ref)
+
+    @pl.when(col_block >= num_kk_blocks)
+    def _():
+        run(v_ref, (col_block - num_kk_blocks) * block_v, g_ref, h_kv0_ref, kv_starts_ref, kv_final_ref)
+
+
+def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HIGHEST, interpret=False,
+               block_v=None, block_k=None, num_warps=None, num_stages=None):
+    """Chunk-start and final states of h_kk and h_kv (``reference.chunk_state_pass`` on expanded heads).
+
+    k [B, T, Hkv, D], v [B, T, Hkv, Dv] (unexpanded; query head h reads kv head h // (H // Hkv));
+    beta [B, T, H] multiplier of k and v, or None; g [B, T, H] log-decay of h_kv; g_kk [B, T, H] that of
+    h_kk, or None (= g); h_kk0 [B, H, D, D], h_kv0 [B, H, D, Dv] initial states.
+    Returns (h_kk_starts [B, H, N, D, D], h_kv_starts [B, H, N, D, Dv], h_kk_final [B, H, D, D],
+    h_kv_final [B, H, D, Dv]), float32, N = ceil(T / chunk_size).
+
+    Grid ((D + Dv) / block_v, D / block_k, H, B): each program owns a [block_k, block_v] block of the
+    concatenated state [h_kk | h_kv] (the first D / block_v column blocks are h_kk's) and loops over the
+    chunks. Tunables (defaults are untuned starting points): block_v (default min(64, D, Dv)), block_k
+    (default D; D / 2 doubles the programs, e.g. for B=1), num_warps (default 4), num_stages (default 2;
+    software pipelining of the chunk loop's loads).
+    """
+    b, t, num_kv_heads, d = k.shape
+    dv = v.shape[-1]
+    num_heads = g.shape[2]
+    group = num_heads // num_kv_heads
+    block_v = block_v or min(64, d, dv)
+    block_k = block_k or d
+    num_warps, num_stages = num_warps or 4, num_stages or 2
+    _check_block("block_v", block_v, d, dv)
+    _check_block("block_k", block_k, d)
+    _check_block("chunk_size", chunk_size)
+    num_chunks = -(-t // chunk_size)
+    tp = num_chunks * chunk_size
+    num_kk_blocks = d // block_v
+    grid = (num_kk_blocks + dv // block_v, d // block_k, num_heads, b)
+
+    def kk_col(j):  # column block of h_kk (clamped for the h_kv programs, which do not touch it)
+        return jnp.minimum(j, num_kk_blocks - 1)
+
+    def kv_col(j):
+        return jnp.maximum(j - num_kk_blocks, 0)
+
+    seq_spec = pl.BlockSpec((None, tp, None), lambda j, i, h, bi: (bi, 0, h))
+    inputs = [_pad_time(k, tp), _pad_time(v, tp)]
+    in_specs = [pl.BlockSpec((None, tp, None, d), lambda j, i, h, bi: (bi, 0, h // group, 0)),
+                pl.BlockSpec((None, tp, None, dv), lambda j, i, h, bi: (bi, 0, h // group, 0))]
+    for per_token in (beta, g, g_kk):  # [B, T, H] each
+        if per_token is not None:
+            inputs.append(_pad_time(per_token, tp))
+            in_specs.append(seq_spec)
+    inputs += [h_kk0, h_kv0]
+    in_specs += [pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kk_col(j))),
+                 pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kv_col(j)))]
+    out_specs = [
+        pl.BlockSpec((None, None, num_chunks, block_k, block_v), lambda j, i, h, bi: (bi, h, 0, i, kk_col(j))),
+        pl.BlockSpec((None, None, num_chunks, block_k, block_v), lambda j, i, h, bi: (bi, h, 0, i, kv_col(j))),
+        pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kk_col(j))),
+        pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kv_col(j))),
+    ]
+    out_shape = [jax.ShapeDtypeStruct((b, num_heads, num_chunks, d, d), F32),
+                 jax.ShapeDtypeStruct((b, num_heads, num_chunks, d, dv), F32),
+                 jax.ShapeDtypeStruct((b, num_heads, d, d), F32),
+                 jax.ShapeDtypeStruct((b, num_heads, d, dv), F32)]
+    kernel = functools.partial(
+        _state_pass_kernel, chunk=chunk_size, num_chunks=num_chunks, block_k=block_k, block_v=block_v,
+        num_kk_blocks=num_kk_blocks, has_beta=beta is not None, has_g_kk=g_kk is not None, precision=precision)
+    return tuple(pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_compiler_params(num_warps, num_stages, interpret), interpret=interpret,
+        name="gka_state_pass",
+    )(*inputs))
+
+
+# ----------------------------------------------------------------------------- GLA output
+def _output_kernel(*refs, scale, has_beta, precision):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)   # [C, D], [C, D], [C, BV]
+    beta_ref = refs.pop(0) if has_beta else None                  # [C]
+    g_ref, s0_ref, o_ref = refs                                   # [C], [D, BV], [C, BV]
+    q = q_ref[...].astype(F32)
+    gcum = jnp.cumsum(g_ref[...].astype(F32))                     # [C]
+    idx = jnp.arange(gcum.shape[0])
+    causal = idx[:, None] >= idx[None, :]
+    decay = jnp.exp(jnp.where(causal, gcum[:, None] - gcum[None, :], -jnp.inf))   # [C, C]
+    if beta_ref is not None:
+        beta = beta_ref[...].astype(F32)
+        decay = decay * (beta * beta)[None, :]                    # beta of k_s and of v_s
+    scores = _dot(q, k_ref[...].astype(F32).T, precision) * decay                 # [C, C]
+    inter = _dot(q * jnp.exp(gcum)[:, None], s0_ref[...], precision)              # [C, BV]
+    intra = _dot(scores, v_ref[...].astype(F32), precision)
+    o_ref[...] = scale * (inter + intra)
+
+
+def gla_output(q, k, v, beta, g, h_kv_starts, *, scale, chunk_size=64, precision=HIGHEST, interpret=False,
+               block_v=None, num_warps=None, num_stages=None):
+    """Chunked gated-linear-attention output (``reference.gla_chunked`` on expanded heads).
+
+    q [B, T, H, D] (mixed queries q'); k [B, T, Hkv, D], v [B, T, Hkv, Dv] unexpanded; beta [B, T, H] or
+    None; g [B, T, H] log-decay of h_kv; h_kv_starts [B, H, N, D, Dv] from ``state_pass``.
+    Returns o [B, T, H, Dv] float32.
+
+    Grid (Dv / block_v, N, H, B), one program per [chunk, block_v] output tile:
+    o = scale * ((Q * exp(G)) @ S0 + ((Q @ K^T) * M * beta_s^2) @ V), M[t, s] = exp(G_t - G_s) for s <= t.
+    Tunables (untuned starting points): block_v (default Dv), num_warps (default 8 for 128-wide tiles, else
+    4), num_stages (no loop here: little effect).
+    """
+    b, t, num_heads, d = q.shape
+    num_kv_heads, dv = v.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    block_v = block_v or dv
+    num_warps = num_warps or (8 if max(d, block_v) >= 128 else 4)
+    _check_block("block_v", block_v, dv)
+    _check_block("chunk_size", chunk_size)
+    num_chunks = h_kv_starts.shape[2]
+    tp = num_chunks * chunk_size
+    if tp < t or tp - t >= chunk_size:
+        raise ValueError(f"h_kv_starts has {num_chunks} chunks, T={t} needs {-(-t // chunk_size)}")
+    c = chunk_size
+    inputs = [_pad_time(q, tp), _pad_time(k, tp), _pad_time(v, tp)]
+    in_specs = [pl.BlockSpec((None, c, None, d), lambda j, n, h, bi: (bi, n, h, 0)),
+                pl.BlockSpec((None, c, None, d), lambda j, n, h, bi: (bi, n, h // group, 0)),
+                pl.BlockSpec((None, c, None, block_v), lambda j, n, h, bi: (bi, n, h // group, j))]
+    if beta is not None:
+        inputs.append(_pad_time(beta, tp))
+        in_specs.append(pl.BlockSpec((None, c, None), lambda j, n, h, bi: (bi, n, h)))
+    inputs += [_pad_time(g, tp), h_kv_starts]
+    in_specs += [pl.BlockSpec((None, c, None), lambda j, n, h, bi: (bi, n, h)),
+                 pl.BlockSpec((None, None, None, d, block_v), lambda j, n, h, bi: (bi, h, n, 0, j))]
+    kernel = functools.partial(_output_kernel, scale=scale, has_beta=beta is not None, precision=precision)
+    o = pl.pallas_call(
+        kernel, grid=(dv // block_v, num_chunks, num_heads, b), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, c, None, block_v), lambda j, n, h, bi: (bi, n, h, j)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, num_heads, dv), F32),
+        compiler_params=_compiler_params(num_warps, num_stages, interpret), interpret=interpret,
+        name="gka_gla_output",
+    )(*inputs)
+    return o[:, :t]

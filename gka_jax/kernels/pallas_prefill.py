@@ -1,0 +1,112 @@
+"""GKA prefill from the three Pallas GPU kernels, with a ``jax.custom_vjp`` for fine-tuning.
+
+    starts, finals = state_pass(k, v)            (pallas_chunk: h_kk / h_kv at every chunk start, fp32)
+    x              = chebyshev_solve(q, h_kk)    (pallas_solve: num_iter iterations per chunk, in registers)
+    q'             = q + alpha (x - q)
+    o              = gla_output(q', k, v, h_kv)  (pallas_chunk)
+
+Same signature and result as ``reference.gka_prefill``. GQA keys/values stay at their Hkv heads in memory:
+each kernel reads kv head h // group for query head h and applies beta itself.
+
+Matmul precision inside the kernels follows ``precision``: HIGHEST is IEEE fp32 (exact, used for float32
+models and tests); anything else runs the dot products on TF32 tensor cores with fp32 accumulation (the
+PyTorch reference kernels use bf16 operands, so TF32 is at least as exact). States are always fp32.
+
+Gradients: the backward pass is the VJP of the pure-JAX reference (``reference.gka_prefill``) at the same
+inputs: it recomputes the forward through XLA, so gradients equal autodiff of the reference path exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from ..numerics import upcast
+from . import pallas_chunk, pallas_solve, reference
+from .reference import HIGHEST, GKAResult
+
+AVAILABLE = pallas_chunk.AVAILABLE and pallas_solve.AVAILABLE
+
+
+def supports(q, k, v, *, chunk_size: int = 64) -> bool:
+    """Shapes the kernels cover: power-of-2 head dims >= 16 (Triton block and dot rules), chunk >= 16."""
+    def pow2(n):
+        return n >= 16 and not n & (n - 1)
+    return pow2(q.shape[-1]) and pow2(v.shape[-1]) and pow2(chunk_size) and q.shape[2] % k.shape[2] == 0
+
+
+def _kernel_precision(precision):
+    return HIGHEST if precision == HIGHEST else jax.lax.Precision.DEFAULT
+
+
+def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_strength, scale, chunk_size,
+             precision, interpret, tuning):
+    tuning = {name: dict(opts) for name, opts in tuning or ()}
+    kernel_precision = _kernel_precision(precision)
+    kk_starts, kv_starts, h_kk_final, h_kv_final = pallas_chunk.state_pass(
+        k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), chunk_size=chunk_size, precision=kernel_precision,
+        interpret=interpret, **tuning.get("state_pass", {}))
+    q32 = upcast(q)
+    if num_iter > 0:
+        x = pallas_solve.chebyshev_solve(
+            q, k, beta, g if g_kk is None else g_kk, kk_starts, num_iter=num_iter, ridge_strength=ridge_strength,
+            chunk_size=chunk_size, precision=kernel_precision, interpret=interpret, **tuning.get("solve", {}))
+        q_mixed = x if alpha is None else q32 + upcast(alpha)[..., None] * (x - q32)
+    else:
+        x = q32
+        q_mixed = q32
+    o = pallas_chunk.gla_output(q_mixed, k, v, beta, g, kv_starts, scale=scale, chunk_size=chunk_size,
+                                precision=kernel_precision, interpret=interpret, **tuning.get("gla", {}))
+    return GKAResult(o.astype(q.dtype), x.astype(q.dtype), h_kk_final, h_kv_final)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _prefill(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, static):
+    return _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, **dict(static))
+
+
+def _reference(static, *inputs):
+    q, k, v, beta, g, alpha, h_kk, h_kv, g_kk = inputs
+    opts = dict(static)
+    return reference.gka_prefill(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk=g_kk, num_iter=opts["num_iter"],
+                                 ridge_strength=opts["ridge_strength"], scale=opts["scale"],
+                                 chunk_size=opts["chunk_size"], precision=opts["precision"])
+
+
+def _prefill_fwd(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, static):
+    inputs = (q, k, v, beta, g, alpha, h_kk, h_kv, g_kk)
+    return _prefill(*inputs, static), inputs
+
+
+def _prefill_bwd(static, inputs, cotangents):
+    _, vjp = jax.vjp(functools.partial(_reference, static), *inputs)
+    return vjp(cotangents)
+
+
+_prefill.defvjp(_prefill_fwd, _prefill_bwd)
+
+
+def gka_prefill(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
+                chunk_size=64, state_pass="associative", precision=HIGHEST, interpret=False,
+                tuning: dict | None = None) -> GKAResult:
+    """Chunked GKA over a sequence with the Pallas kernels; arguments and result as in
+    ``reference.gka_prefill`` (``state_pass`` is accepted and ignored: the kernel walks the chunks in order).
+
+    ``interpret`` runs the kernels in Pallas interpret mode (CPU tests). ``tuning`` maps "state_pass",
+    "solve", "gla" to extra keyword arguments of that kernel (num_warps, num_stages, block sizes).
+    """
+    del state_pass
+    if not AVAILABLE:
+        raise RuntimeError("the Pallas Triton lowering is not available in this jax")
+    static = tuple(sorted(dict(num_iter=num_iter, ridge_strength=float(ridge_strength), scale=float(scale),
+                               chunk_size=chunk_size, precision=precision, interpret=interpret,
+                               tuning=_freeze(tuning)).items()))
+    return _prefill(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, static)
+
+
+def _freeze(tuning):
+    """``tuning`` as a hashable value (custom_vjp's static argument must hash)."""
+    if not tuning:
+        return None
+    return tuple(sorted((name, tuple(sorted(opts.items()))) for name, opts in tuning.items()))

@@ -1,0 +1,151 @@
+"""Pallas (Triton lowering) GPU kernel for the chunked Chebyshev ridge solve of the GKA prefill.
+
+For every token t it computes x_t, the Chebyshev(num_iter) solution of (H_t + ridge ||H_t||_F I) x = q_t,
+exactly as ``reference.chebyshev_chunked``. One program handles one chunk of C tokens of one (batch, head).
+Let H0 be the state at the chunk start, G the in-chunk inclusive cumsum of the log-decay g_kk, and
+M[t, s] = exp(G_t - G_s) for s <= t (else 0). K [C, D] holds the rows k_s = beta_s k_s(kv head h // group),
+and X [C, D] holds the iterates x_t as rows. Then
+
+    rows of H_t x_t = exp(G_t) (X H0)_t + (((X K^T) * M) K)_t           (X H0 = (H0 X^T)^T: H0 is symmetric)
+    ||H_t||_F^2     = exp(2 G_t) ||H0||_F^2 + 2 exp(G_t) (M kHk)_t + sum_u (M (K K^T)^2)_{t,u} M_{t,u}
+                      with kHk_s = k_s^T H0 k_s                         (three non-negative terms)
+
+The Frobenius norms are computed once, before the iteration loop. The recurrence and the fro == 0 guard are
+``reference._chebyshev``'s. q, K, M, G, H0, X, the previous iterate and every per-row coefficient stay in
+registers (Triton stages dot operands through shared memory itself) for all iterations of ``lax.fori_loop``.
+The only memory traffic is one read of q, k, beta, g and H0 and one write of x per program.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .reference import HIGHEST, _chebyshev
+
+try:  # the Triton lowering is deprecated in jax 0.11 and may disappear
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed jax
+    pl = pltriton = None
+    AVAILABLE = False
+
+
+def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, x_ref, *, num_iter, ridge_strength, precision,
+                  operand_dtype, reload_state):
+    """One (chunk, head, batch): q, k, x [C, D]; beta (or None), g [C]; h0 [D, D]."""
+    f32 = jnp.float32
+
+    def dot(a, b):  # operands in operand_dtype, fp32 accumulation
+        return jnp.dot(a.astype(operand_dtype), b.astype(operand_dtype), precision=precision,
+                       preferred_element_type=f32)
+
+    chunk = q_ref.shape[0]
+    q = q_ref[...].astype(f32)                                         # [C, D]
+    k = k_ref[...].astype(f32)                                         # [C, D]
+    if beta_ref is not None:
+        k = k * beta_ref[...].astype(f32)[:, None]
+    k_op = k.astype(operand_dtype)
+    gcum = jnp.cumsum(g_ref[...].astype(f32))                          # [C]
+    rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    mask = jnp.exp(jnp.where(rows >= cols, gcum[:, None] - gcum[None, :], -jnp.inf))   # [C, C]
+    start_decay = jnp.exp(gcum)                                        # [C]
+    h0 = h0_ref[...].astype(f32)                                       # [D, D]
+    h0_op = h0.astype(operand_dtype)
+
+    # ||H_t||_F^2, three non-negative terms.
+    h0_sq = jnp.sum(jnp.sum(h0 * h0, axis=1), axis=0)                  # []
+    k_h0_k = jnp.sum(dot(k_op, h0_op) * k, axis=1)                     # [C]
+    gram = dot(k_op, k_op.T)                                           # [C, C]
+    fro_sq = (start_decay * start_decay * h0_sq
+              + 2.0 * start_decay * jnp.sum(mask * k_h0_k[None, :], axis=1)
+              + jnp.sum(dot(mask, gram * gram) * mask, axis=1))
+    fro = jnp.sqrt(jnp.maximum(fro_sq, 0.0))                           # [C]
+
+    decay = start_decay[:, None]                                       # [C, 1]
+
+    def apply_h(x):  # rows of H_t x_t; the second dot accumulates onto the first
+        scores = dot(x, k_op.T) * mask                                 # [C, C]
+        return dot(decay * x, h0_op) + dot(scores, k_op)
+
+    x_ref[...] = _chebyshev(apply_h, q, fro, num_iter=num_iter, ridge_strength=ridge_strength)
+
+
+def _default_num_warps(chunk_size: int, head_dim: int) -> int:
+    """8 warps once a [C, D] fp32 carry is 32 registers per thread or more at 8 warps, else 4."""
+    return 8 if chunk_size * head_dim >= 64 * 128 else 4
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "num_iter", "ridge_strength", "chunk_size", "precision", "operand_dtype", "interpret", "num_warps",
+    "num_stages", "reload_state"))
+def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, chunk_size=64, precision=HIGHEST,
+                    operand_dtype=jnp.float32, interpret=False, num_warps=None, num_stages=None,
+                    reload_state=False):
+    """Chebyshev solutions x_t of (H_t + ridge ||H_t||_F I) x = q_t, one Pallas-Triton program per chunk.
+
+    Semantics of ``reference.chebyshev_chunked(q, expand_heads(k, .., beta, H)[0], g_kk, h_kk_starts, ...)``
+    (num_iter 0 gives the initial iterate x = step q, as there).
+    q [B, T, H, D] unit-norm queries (any float dtype); k [B, T, Hkv, D] unit-norm keys, not expanded (query
+    head h reads kv head h // (H // Hkv)); beta [B, T, H] key multiplier or None; g_kk [B, T, H] log-decay
+    of h_kk; h_kk_starts [B, H, N, D, D] the state at the start of each chunk (``chunk_state_pass``,
+    N = ceil(T / chunk_size)). Returns x [B, T, H, D] float32.
+
+    Matmul numerics: every dot casts its operands to ``operand_dtype`` (float32, or bfloat16 as in the
+    PyTorch kernels) and accumulates in fp32; ``precision`` picks the fp32 dot algorithm in the Triton
+    lowering (HIGHEST: IEEE fp32 on FMA units; DEFAULT: TF32 tensor cores; a ``lax.DotAlgorithmPreset``
+    such as TF32_TF32_F32_X3 also works). Elementwise math is fp32 throughout.
+    Tunables: ``num_warps`` (default 8 for C * D >= 64 * 128, else 4), ``num_stages`` (default 1: the loop
+    loads nothing unless ``reload_state``), ``reload_state`` (re-read H0 from its block in every
+    iteration instead of holding it across the loop: fewer live registers, more L1/L2 traffic).
+    chunk_size and D must be powers of 2 and >= 16 (Triton block and dot rules); T is zero-padded to a
+    multiple of chunk_size (padded keys come after every real token, so they change nothing).
+    """
+    if not AVAILABLE:
+        raise RuntimeError("the Pallas Triton lowering is not available in this jax")
+    batch, seq_len, num_heads, d = q.shape
+    num_kv_heads = k.shape[2]
+    num_chunks = -(-seq_len // chunk_size)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    for name, size in (("chunk_size", chunk_size), ("D", d)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}={size} must be a power of 2 and >= 16 (Triton block and dot rules)")
+    if h_kk_starts.shape != (batch, num_heads, num_chunks, d, d):
+        raise ValueError(f"h_kk_starts has shape {h_kk_starts.shape}, expected "
+                         f"{(batch, num_heads, num_chunks, d, d)} for chunk_size={chunk_size}")
+    group = num_heads // num_kv_heads
+
+    padded_len = num_chunks * chunk_size
+    if padded_len != seq_len:
+        def pad(a):
+            return None if a is None else jnp.pad(a, [(0, 0), (0, padded_len - seq_len)] + [(0, 0)] * (a.ndim - 2))
+        q, k, beta, g_kk = pad(q), pad(k), pad(beta), pad(g_kk)
+
+    rows_block = pl.BlockSpec((None, chunk_size, None, d), lambda n, h, b: (b, n, h, 0))          # [C, D]
+    kv_block = pl.BlockSpec((None, chunk_size, None, d), lambda n, h, b: (b, n, h // group, 0))   # [C, D]
+    gate_block = pl.BlockSpec((None, chunk_size, None), lambda n, h, b: (b, n, h))                # [C]
+    state_block = pl.BlockSpec((None, None, None, d, d), lambda n, h, b: (b, h, n, 0, 0))          # [D, D]
+
+    kernel = functools.partial(_solve_kernel, num_iter=num_iter, ridge_strength=ridge_strength,
+                               precision=precision, operand_dtype=jnp.dtype(operand_dtype),
+                               reload_state=reload_state)
+    params = pltriton.CompilerParams(
+        num_warps=_default_num_warps(chunk_size, d) if num_warps is None else num_warps,
+        num_stages=1 if num_stages is None else num_stages)
+    x = pl.pallas_call(
+        kernel,
+        grid=(num_chunks, num_heads, batch),
+        in_specs=[rows_block, kv_block, None if beta is None else gate_block, gate_block, state_block],
+        out_specs=rows_block,
+        out_shape=jax.ShapeDtypeStruct((batch, padded_len, num_heads, d), jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name="gka_chebyshev_solve",
+    )(q, k, beta, g_kk, h_kk_starts)
+    return x[:, :seq_len]

@@ -1,0 +1,111 @@
+"""The kernel dispatcher: Pallas kernels on GPU, the XLA path on CPU/TPU and for uncovered shapes, a
+warning (never a crash) when the Pallas backend is missing, clear errors for impossible requests; and the
+whole model run through the Pallas kernels (interpret mode) reproduces the goldens."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gka_jax
+from gka_jax import kernels
+from gka_jax.config import GKA
+
+from conftest import load_case, rel
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Triton.*:DeprecationWarning")
+
+
+def test_selection_by_platform_and_shape():
+    assert kernels.select_backend(platform="cpu") == "xla"
+    assert kernels.select_backend(platform="tpu") == "xla"
+    assert kernels.select_backend(platform="gpu") == "pallas"
+    assert kernels.select_backend(platform="gpu", shapes_ok=False) == "xla"
+    assert kernels.select_backend("xla", platform="gpu") == "xla"
+    assert kernels.available_backends("cpu") == ("xla", "pallas_interpret")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        kernels.select_backend("pallas", platform="cpu")
+    with pytest.raises(ValueError, match="unknown GKA kernel backend 'triton'"):
+        kernels.select_backend("triton")
+    with pytest.raises(ValueError, match="does not cover these shapes"):
+        kernels.select_backend("pallas", platform="gpu", shapes_ok=False)
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("GKA_KERNEL_BACKEND", "xla")
+    assert kernels.select_backend(platform="gpu") == "xla"
+
+
+def test_missing_pallas_backend_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setitem(kernels._AVAILABLE, "pallas", False)
+    monkeypatch.setattr(kernels, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="using the XLA path"):
+        assert kernels.select_backend(platform="gpu") == "xla"
+    with pytest.raises(ValueError, match="no Pallas Triton lowering"):
+        kernels.select_backend("pallas", platform="gpu")
+
+
+def _primitives(jaxpr, found=None):
+    found = set() if found is None else found
+    for eqn in jaxpr.eqns:
+        found.add(eqn.primitive.name)
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+            _primitives(sub, found)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None:
+                _primitives(getattr(inner, "jaxpr", inner), found)
+    return found
+
+
+def test_model_forward_uses_pallas_on_gpu_and_xla_on_cpu(monkeypatch):
+    """Trace (no lowering) the whole model's prefill and decode as they are dispatched on this platform and,
+    with the platform reported as GPU, as they would be there."""
+    cfg = gka_jax.preset("GKA-primed-HQwen3-8B-Reasoner")
+    import dataclasses
+    cfg = dataclasses.replace(cfg, layer_types=(GKA, "attention"), vocab_size=256)
+    model = gka_jax.random_model(cfg, jnp.bfloat16, seed=0)
+
+    def traced(t):
+        cache = jax.eval_shape(lambda: model.init_cache(1, 128))
+        tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        valid = jax.ShapeDtypeStruct((1, t), bool)
+        fn = lambda p, tok, c, v: gka_jax.runtime._forward(model.graphdef, p, tok, c, v, num_iter=2, fresh=t > 1,  # noqa: E731
+                                                          backend=None, last_only=False)
+        return _primitives(jax.make_jaxpr(fn)(model.params, tokens, cache, valid).jaxpr)
+
+    on_this = traced(64) | traced(1)
+    assert ("pallas_call" in on_this) == (jax.default_backend() == "gpu")
+    monkeypatch.setattr(kernels, "_platform", lambda: "gpu")
+    assert "pallas_call" in traced(64)
+    assert "pallas_call" in traced(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(golden):
+    arrays, manifest = load_case("tiny_hybrid_qwen3")
+    return gka_jax.load(golden / "tiny_hybrid_qwen3" / "checkpoint", dtype="float32"), arrays
+
+
+def test_model_through_pallas_kernels_matches_goldens(tiny):
+    """Prefill + decode of the golden tiny model with every GKA layer on the Pallas kernels (interpret mode
+    on CPU): prefill and decode logits equal the XLA path's (fp32, HIGHEST), which tests/test_model_golden.py
+    checks against the goldens."""
+    import dataclasses
+    model, arrays = tiny
+    ids = arrays["input_ids"][:1, :40]
+    pallas = dataclasses.replace(model, backend="pallas_interpret")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        got = np.asarray(pallas(ids))
+        want = np.asarray(model(ids))
+        assert rel(got, want) < 1e-5
+        cache = pallas.init_cache(1, 48)
+        logits, cache = pallas.prefill(ids, cache, last_only=True)
+        step, cache = pallas.decode(jnp.argmax(logits[:, 0], -1), cache)
+        ref_cache = model.init_cache(1, 48)
+        ref_logits, ref_cache = model.prefill(ids, ref_cache, last_only=True)
+        ref_step, _ = model.decode(jnp.argmax(ref_logits[:, 0], -1), ref_cache)
+    assert rel(step, ref_step) < 1e-5
