@@ -8,9 +8,13 @@
 Same signature and result as ``reference.gka_prefill``. GQA keys/values stay at their Hkv heads in memory:
 each kernel reads kv head h // group for query head h and applies beta itself.
 
-Matmul precision inside the kernels follows ``precision``: HIGHEST is IEEE fp32 (exact, used for float32
-models and tests); anything else runs the dot products on TF32 tensor cores with fp32 accumulation (the
-PyTorch reference kernels use bf16 operands, so TF32 is at least as exact). States are always fp32.
+Matmul precision inside the kernels follows ``precision`` (elementwise math, accumulation and states are
+fp32 in every mode):
+  HIGHEST  IEEE fp32 dots (FMA units; slow): float32 models and tests;
+  HIGH     TF32 tensor-core dots everywhere;
+  DEFAULT  (bf16 models) the Chebyshev solve's dots take bf16 operands (as the PyTorch reference's kernels
+           do), the state pass and GLA output TF32. Measured on an H200 (docs/kernels.md): still more exact
+           than the reference, whose chunk states are also rounded to bf16.
 
 Gradients: the backward pass is the VJP of the pure-JAX reference (``reference.gka_prefill``) at the same
 inputs: it recomputes the forward through XLA, so gradients equal autodiff of the reference path exactly.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from ..numerics import upcast
 from . import pallas_chunk, pallas_solve, reference
@@ -36,13 +41,27 @@ def supports(q, k, v, *, chunk_size: int = 64) -> bool:
     return pow2(q.shape[-1]) and pow2(v.shape[-1]) and pow2(chunk_size) and q.shape[2] % k.shape[2] == 0
 
 
+# Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=16K (benchmarks/tune_kernels.py, docs/kernels.md).
+GPU_TUNING = {
+    "solve": {"num_warps": 4, "num_stages": 1},
+    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2},
+    "gla": {"block_v": 64, "num_warps": 4, "num_stages": 1},
+}
+
+
 def _kernel_precision(precision):
+    """Dot algorithm for the state pass / GLA kernels."""
     return HIGHEST if precision == HIGHEST else jax.lax.Precision.DEFAULT
+
+
+def _solve_operands(precision):
+    """Operand dtype of the solve's dots: bf16 for the fast default, fp32 (TF32 or IEEE) otherwise."""
+    return jnp.bfloat16 if precision in (None, jax.lax.Precision.DEFAULT) else jnp.float32
 
 
 def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_strength, scale, chunk_size,
              precision, interpret, tuning):
-    tuning = {name: dict(opts) for name, opts in tuning or ()}
+    tuning = {name: dict(opts) for name, opts in tuning or ()} or ({} if interpret else GPU_TUNING)
     kernel_precision = _kernel_precision(precision)
     kk_starts, kv_starts, h_kk_final, h_kv_final = pallas_chunk.state_pass(
         k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), chunk_size=chunk_size, precision=kernel_precision,
@@ -51,7 +70,8 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
     if num_iter > 0:
         x = pallas_solve.chebyshev_solve(
             q, k, beta, g if g_kk is None else g_kk, kk_starts, num_iter=num_iter, ridge_strength=ridge_strength,
-            chunk_size=chunk_size, precision=kernel_precision, interpret=interpret, **tuning.get("solve", {}))
+            chunk_size=chunk_size, precision=kernel_precision, operand_dtype=_solve_operands(precision),
+            interpret=interpret, **tuning.get("solve", {}))
         q_mixed = x if alpha is None else q32 + upcast(alpha)[..., None] * (x - q32)
     else:
         x = q32

@@ -3,17 +3,23 @@
 For every token t it computes x_t, the Chebyshev(num_iter) solution of (H_t + ridge ||H_t||_F I) x = q_t,
 exactly as ``reference.chebyshev_chunked``. One program handles one chunk of C tokens of one (batch, head).
 Let H0 be the state at the chunk start, G the in-chunk inclusive cumsum of the log-decay g_kk, and
-M[t, s] = exp(G_t - G_s) for s <= t (else 0). K [C, D] holds the rows k_s = beta_s k_s(kv head h // group),
-and X [C, D] holds the iterates x_t as rows. Then
+M[t, s] = exp(G_t - G_s) for s <= t (else 0). K [C, D] holds the keys as rows (beta_s times key s of kv head
+h // group) and X [C, D] the iterates x_t. Then
 
     rows of H_t x_t = exp(G_t) (X H0)_t + (((X K^T) * M) K)_t           (X H0 = (H0 X^T)^T: H0 is symmetric)
     ||H_t||_F^2     = exp(2 G_t) ||H0||_F^2 + 2 exp(G_t) (M kHk)_t + sum_u (M (K K^T)^2)_{t,u} M_{t,u}
                       with kHk_s = k_s^T H0 k_s                         (three non-negative terms)
 
-The Frobenius norms are computed once, before the iteration loop. The recurrence and the fro == 0 guard are
-``reference._chebyshev``'s. q, K, M, G, H0, X, the previous iterate and every per-row coefficient stay in
-registers (Triton stages dot operands through shared memory itself) for all iterations of ``lax.fori_loop``.
-The only memory traffic is one read of q, k, beta, g and H0 and one write of x per program.
+The Frobenius norms are computed once, before the iteration loop; the recurrence and the fro == 0 guard are
+``reference._chebyshev``'s. Grid (N, H, B), blocks q, x [C, D], k [C, D] (read in place from kv head
+h // group: no expanded copy), beta, g [C], H0 [D, D]. Per program: one read of each block, one write of x.
+Across the ``lax.fori_loop`` over iterations the registers hold X, the previous iterate, q, M and the per-row
+coefficients; Triton keeps the loop-invariant dot operands H0, K and K^T in shared memory (in
+``operand_dtype``). Offline compile for sm_90a (Triton 3.6), C = 64, D = 128: 255 registers per thread at
+4 and at 8 warps; shared memory 64 KiB with bf16 operands, 160 KiB with fp32 (TF32) operands. 8 warps spill
+~0.2 (bf16) / ~0.3 (TF32) KiB per thread and hold one program per SM; 4 warps spill ~1.2 / ~1.7 KiB but fit
+two bf16 programs per SM. IEEE fp32 dots (HIGHEST with fp32 operands) run on FMA units and spill tens of
+KiB: a numerics check, not a fast path.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 
 
 def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, x_ref, *, num_iter, ridge_strength, precision,
-                  operand_dtype, reload_state):
+                  operand_dtype):
     """One (chunk, head, batch): q, k, x [C, D]; beta (or None), g [C]; h0 [D, D]."""
     f32 = jnp.float32
 
@@ -69,24 +75,23 @@ def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, x_ref, *, num_iter, rid
 
     decay = start_decay[:, None]                                       # [C, 1]
 
-    def apply_h(x):  # rows of H_t x_t; the second dot accumulates onto the first
+    def apply_h(x):  # rows of H_t x_t
         scores = dot(x, k_op.T) * mask                                 # [C, C]
-        return dot(decay * x, h0_op) + dot(scores, k_op)
+        return decay * dot(x, h0_op) + dot(scores, k_op)
 
     x_ref[...] = _chebyshev(apply_h, q, fro, num_iter=num_iter, ridge_strength=ridge_strength)
 
 
 def _default_num_warps(chunk_size: int, head_dim: int) -> int:
-    """8 warps once a [C, D] fp32 carry is 32 registers per thread or more at 8 warps, else 4."""
+    """8 warps from C * D = 64 * 128 up (fewest spills there, see the module docstring), else 4."""
     return 8 if chunk_size * head_dim >= 64 * 128 else 4
 
 
 @functools.partial(jax.jit, static_argnames=(
     "num_iter", "ridge_strength", "chunk_size", "precision", "operand_dtype", "interpret", "num_warps",
-    "num_stages", "reload_state"))
+    "num_stages"))
 def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, chunk_size=64, precision=HIGHEST,
-                    operand_dtype=jnp.float32, interpret=False, num_warps=None, num_stages=None,
-                    reload_state=False):
+                    operand_dtype=jnp.float32, interpret=False, num_warps=None, num_stages=None):
     """Chebyshev solutions x_t of (H_t + ridge ||H_t||_F I) x = q_t, one Pallas-Triton program per chunk.
 
     Semantics of ``reference.chebyshev_chunked(q, expand_heads(k, .., beta, H)[0], g_kk, h_kk_starts, ...)``
@@ -98,11 +103,11 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
 
     Matmul numerics: every dot casts its operands to ``operand_dtype`` (float32, or bfloat16 as in the
     PyTorch kernels) and accumulates in fp32; ``precision`` picks the fp32 dot algorithm in the Triton
-    lowering (HIGHEST: IEEE fp32 on FMA units; DEFAULT: TF32 tensor cores; a ``lax.DotAlgorithmPreset``
-    such as TF32_TF32_F32_X3 also works). Elementwise math is fp32 throughout.
-    Tunables: ``num_warps`` (default 8 for C * D >= 64 * 128, else 4), ``num_stages`` (default 1: the loop
-    loads nothing unless ``reload_state``), ``reload_state`` (re-read H0 from its block in every
-    iteration instead of holding it across the loop: fewer live registers, more L1/L2 traffic).
+    lowering (HIGHEST: IEEE fp32 on FMA units; DEFAULT: TF32 tensor cores; other ``lax.DotAlgorithmPreset``
+    values pass through, but TF32_TF32_F32_X3 needs 320 KiB of shared memory at C = 64, D = 128, more than an
+    SM has). Elementwise math is fp32 throughout.
+    Tunables: ``num_warps`` (default 8 for C * D >= 64 * 128, else 4) and ``num_stages`` (default 1: the
+    iteration loop loads nothing, so there is nothing to pipeline).
     chunk_size and D must be powers of 2 and >= 16 (Triton block and dot rules); T is zero-padded to a
     multiple of chunk_size (padded keys come after every real token, so they change nothing).
     """
@@ -133,8 +138,7 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     state_block = pl.BlockSpec((None, None, None, d, d), lambda n, h, b: (b, h, n, 0, 0))          # [D, D]
 
     kernel = functools.partial(_solve_kernel, num_iter=num_iter, ridge_strength=ridge_strength,
-                               precision=precision, operand_dtype=jnp.dtype(operand_dtype),
-                               reload_state=reload_state)
+                               precision=precision, operand_dtype=jnp.dtype(operand_dtype))
     params = pltriton.CompilerParams(
         num_warps=_default_num_warps(chunk_size, d) if num_warps is None else num_warps,
         num_stages=1 if num_stages is None else num_stages)

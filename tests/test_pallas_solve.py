@@ -1,0 +1,115 @@
+"""The Pallas-Triton chunked Chebyshev solve (interpret mode on CPU) against the pure-JAX reference and the
+float64 oracle.
+
+The reference is ``reference.chebyshev_chunked`` fed with ``expand_heads`` keys and ``chunk_state_pass``
+chunk-start states; the oracle is ``oracle.gka_core_fp64`` (its x, which equals q when num_iter is 0, so that
+case is checked against the reference only). Tolerances (relative Frobenius error): fp32 operands with
+precision=HIGHEST <= 1e-5 vs the reference (the same math in another summation order; observed <= 2e-7) and
+<= 1e-4 vs float64 (observed <= 5e-7); bfloat16 operands (fp32 accumulation, as in the PyTorch kernels)
+<= 3e-2 vs both (observed 4e-3).
+Interpret mode computes exact fp32 dots on CPU: TF32 rounding (precision=DEFAULT) is a GPU-only concern.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gka_jax.kernels import oracle, pallas_solve, reference
+
+from conftest import rel
+
+RIDGE = 0.02
+
+
+def make_inputs(seed, *, b=2, t=48, h=4, hkv=2, d=16, with_beta=True, with_state=True):
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    keys = unit(rng.normal(size=(b, h, 8, d)))
+    beta = 1 / (1 + np.exp(-rng.normal(size=(b, t, h)))) + 1e-6
+    h_kk = np.einsum("bhnd,bhne->bhde", keys, keys) if with_state else np.zeros((b, h, d, d))
+    return {
+        "q": unit(rng.normal(size=(b, t, h, d))).astype(np.float32),
+        "k": unit(rng.normal(size=(b, t, hkv, d))).astype(np.float32),
+        "beta": beta.astype(np.float32) if with_beta else None,
+        "g": (-np.exp(rng.uniform(-4, 1, size=(b, t, h)))).astype(np.float32),
+        "h_kk": h_kk.astype(np.float32),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("num_iter", "chunk_size"))
+def _reference(q, k, beta, g, h_kk, *, num_iter, chunk_size):
+    k, _ = reference.expand_heads(k, k, beta, q.shape[2])
+    starts, _, _, _ = reference.chunk_state_pass(k, k, g, h_kk, h_kk, chunk_size=chunk_size)
+    x = reference.chebyshev_chunked(q, k, g, starts, num_iter=num_iter, ridge_strength=RIDGE,
+                                    chunk_size=chunk_size)
+    return x, starts
+
+
+def run_reference(inp, num_iter, chunk_size):
+    """(x, h_kk_starts) of the pure-JAX reference."""
+    return _reference(inp["q"], inp["k"], inp["beta"], inp["g"], inp["h_kk"], num_iter=num_iter,
+                      chunk_size=chunk_size)
+
+
+def run_oracle(inp, num_iter):
+    return oracle.gka_core_fp64(inp["q"], inp["k"], inp["k"], inp["beta"], inp["g"], None, inp["h_kk"], None,
+                                num_iter=num_iter, ridge_strength=RIDGE, scale=1.0)["x"]
+
+
+def run_kernel(inp, starts, num_iter, chunk_size, **kwargs):
+    return pallas_solve.chebyshev_solve(inp["q"], inp["k"], inp["beta"], inp["g"], starts, num_iter=num_iter,
+                                        ridge_strength=RIDGE, chunk_size=chunk_size, interpret=True, **kwargs)
+
+
+# (d, chunk_size, t, num_iter, hkv, with_beta, with_state): every feature appears, each row is one compile.
+CASES = [
+    (16, 16, 48, 30, 2, True, True),     # GQA, T a multiple of the chunk
+    (16, 16, 37, 10, 4, False, True),    # no GQA, no beta, ragged T
+    (32, 32, 37, 30, 2, True, True),
+    (32, 32, 48, 1, 4, True, False),     # zero initial state
+    (16, 64, 100, 30, 2, True, True),    # chunk 64, second chunk partial
+    (16, 16, 37, 0, 2, True, True),      # no iteration: x = step * q
+]
+
+
+@pytest.mark.parametrize("d, chunk_size, t, num_iter, hkv, with_beta, with_state", CASES)
+def test_matches_reference_and_fp64(d, chunk_size, t, num_iter, hkv, with_beta, with_state):
+    inp = make_inputs(seed=d + chunk_size + t + num_iter, t=t, hkv=hkv, d=d, with_beta=with_beta,
+                      with_state=with_state)
+    want, starts = run_reference(inp, num_iter, chunk_size)
+    got = run_kernel(inp, starts, num_iter, chunk_size)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert rel(got, want) < 1e-5
+    if num_iter > 0:
+        assert rel(got, run_oracle(inp, num_iter)) < 1e-4
+
+
+def test_bfloat16_operands_and_inputs():
+    """bf16 q/k inputs and bf16 dot operands (fp32 accumulation): 3e-2 vs the fp32 math on the same inputs."""
+    inp = make_inputs(seed=11, t=48, d=32)
+    inp["q"] = jnp.asarray(inp["q"], jnp.bfloat16)
+    inp["k"] = jnp.asarray(inp["k"], jnp.bfloat16)
+    want, starts = run_reference(inp, 30, 16)
+    got = run_kernel(inp, starts, 30, 16, operand_dtype=jnp.bfloat16)
+    assert rel(got, want) < 3e-2
+    exact = {**inp, "q": np.asarray(inp["q"], np.float32), "k": np.asarray(inp["k"], np.float32)}
+    assert rel(got, run_oracle(exact, 30)) < 3e-2
+
+
+def test_rejects_bad_shapes():
+    inp = make_inputs(seed=0, t=32)
+    _, starts = run_reference(inp, 1, 16)
+    with pytest.raises(ValueError, match="power of 2"):
+        run_kernel(inp, starts, 1, 24)
+    with pytest.raises(ValueError, match="h_kk_starts"):
+        run_kernel(inp, starts[:, :, :1], 1, 16)
+    with pytest.raises(ValueError, match="kv heads"):
+        pallas_solve.chebyshev_solve(inp["q"], inp["k"][:, :, :1].repeat(3, axis=2), None, inp["g"], starts,
+                                     num_iter=1, ridge_strength=RIDGE, chunk_size=16, interpret=True)
+
