@@ -114,33 +114,44 @@ def f64(inp_jax):
 
 
 # ----------------------------------------------------------------------------- ours
-def prefill_fns(num_iter, precision):
+def prefill_fns(num_iter, precision, tuning=None):
     common = dict(num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE, chunk_size=64)
 
     def run(backend, x, h_kk, h_kv, prec=precision):
+        extra = {"tuning": tuning} if tuning and backend == "pallas" else {}
         return kernels.gka_prefill(x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv,
-                                   backend=backend, precision=prec, **common)
+                                   backend=backend, precision=prec, **common, **extra)
     return run
 
 
-def pieces_pallas(x, num_iter, precision):
-    """The three Pallas kernels separately (jitted each), for timing."""
+def pieces_pallas(x, num_iter, precision, tuning=None):
+    """The three Pallas kernels of the prefill separately (jitted each), for timing."""
     zeros_kk = jnp.zeros((x["q"].shape[0], H, D, D), jnp.float32)
     prec = pallas_prefill._kernel_precision(precision)
-    tune = {} if INTERPRET else pallas_prefill.GPU_TUNING
-    state = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], x["v"], x["beta"], x["g"], None, zeros_kk, zeros_kk,
+    operands = pallas_prefill._solve_operands(precision)
+    tune = {} if INTERPRET else (tuning or pallas_prefill.GPU_TUNING)
+    state = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], None, x["beta"], x["g"], None, zeros_kk, None,
                                                       chunk_size=64, precision=prec, interpret=INTERPRET,
+                                                      kk_only=True, starts_dtype=operands,
                                                       **tune.get("state_pass", {})))
-    kk_starts, kv_starts, _, _ = state(x)
+    kk_starts, _ = state(x)
     solve = jax.jit(lambda x, s: pallas_solve.chebyshev_solve(x["q"], x["k"], x["beta"], x["g"], s,
                                                               num_iter=num_iter, ridge_strength=RIDGE,
-                                                              chunk_size=64, precision=prec,
-                                                              operand_dtype=pallas_prefill._solve_operands(precision),
+                                                              chunk_size=64, precision=prec, operand_dtype=operands,
                                                               interpret=INTERPRET, **tune.get("solve", {})))
-    gla = jax.jit(lambda x, s: pallas_chunk.gla_output(x["q"], x["k"], x["v"], x["beta"], x["g"], s, scale=SCALE,
-                                                       chunk_size=64, precision=prec, interpret=INTERPRET,
-                                                       **tune.get("gla", {})))
-    return dict(state_pass=(state, (x,)), solve=(solve, (x, kk_starts)), gla=(gla, (x, kv_starts)))
+    gla = jax.jit(lambda x: pallas_chunk.gla_fused(x["q"], x["k"], x["v"], x["beta"], x["g"], zeros_kk, scale=SCALE,
+                                                   chunk_size=64, precision=prec, interpret=INTERPRET,
+                                                   **tune.get("gla", {})))
+    return dict(state_pass=(state, (x,)), solve=(solve, (x, kk_starts)), gla=(gla, (x,)))
+
+
+# Tuning variants timed beside the defaults (pallas_prefill.GPU_TUNING) at the 8B shapes.
+VARIANTS = {
+    "blocks 64": {"state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2},
+                  "gla": {"block_v": 64, "num_warps": 4, "num_stages": 2}},
+    "gla blocks 16": {"gla": {"block_v": 16, "num_warps": 4, "num_stages": 2}},
+    "gla 8 warps": {"gla": {"block_v": 32, "num_warps": 8, "num_stages": 2}},
+}
 
 
 # ----------------------------------------------------------------------------- sections
@@ -149,7 +160,7 @@ def section_errors(args, ref):
     b, t = 2, 1000 if not args.quick else 200
     if args.smoke:
         t = 100
-    for num_iter in (30, 10):
+    for num_iter in (30,):
         raw = make_inputs(1, b, t)
         x32 = to_jax(raw, jnp.float32)
         zeros = jnp.zeros((b, H, D, D), jnp.float32)
@@ -199,11 +210,12 @@ def section_errors(args, ref):
                 return jax.tree.map(np.asarray, res)
 
         want = exact_decode(d32)
-        for backend in ("xla", PALLAS):
+        for label, backend, options in (("xla", "xla", {}), (PALLAS, PALLAS, {}),
+                                        ("pallas split sym", PALLAS, {"split": True, "matvec": "sym"})):
             res = kernels.gka_decode(d32["q"], d32["k"], d32["v"], d32["beta"], d32["g"], d32["alpha"],
                                      jnp.asarray(kk), jnp.asarray(kv), num_iter=num_iter, ridge_strength=RIDGE,
-                                     scale=SCALE, precision=HIGHEST, backend=backend)
-            record("errors", what=f"decode {backend} fp32", num_iter=num_iter, B=8, o=rel(res.o, want.o),
+                                     scale=SCALE, precision=HIGHEST, backend=backend, **options)
+            record("errors", what=f"decode {label} fp32", num_iter=num_iter, B=8, o=rel(res.o, want.o),
                    x=rel(res.x, want.x), h_kk=rel(res.h_kk, want.h_kk), h_kv=rel(res.h_kv, want.h_kv))
         if ref is not None:
             try:
@@ -240,6 +252,11 @@ def section_prefill(args, ref):
             row = dict(T=t, num_iter=num_iter)
             for name, (fn, fargs) in pieces_pallas(xbf, num_iter, jax.lax.Precision.DEFAULT).items():
                 row[f"ours {name}"] = time_jax(fn, *fargs)
+            if not args.smoke:
+                for variant, tuning in VARIANTS.items():
+                    merged = {**pallas_prefill.GPU_TUNING, **tuning}
+                    fn = jax.jit(functools.partial(prefill_fns(num_iter, jax.lax.Precision.DEFAULT, merged), PALLAS))
+                    row[f"ours total [{variant}]"] = time_jax(fn, xbf, zeros, zeros)
             for label, backend, prec in (("ours total", PALLAS, jax.lax.Precision.DEFAULT),
                                          ("ours total TF32", PALLAS, jax.lax.Precision.HIGH),
                                          ("xla total", "xla", jax.lax.Precision.DEFAULT)):
@@ -283,8 +300,10 @@ def section_decode(args, ref, copy_gbps):
         bytes_moved = b * H * (D * D + D * D) * 4 * 2
         for num_iter in (30, 10):
             row = dict(B=b, num_iter=num_iter, state_MB=bytes_moved / 2 / 1e6)
-            for backend in (PALLAS, "xla"):
-                step = jax.jit(functools.partial(decode_step, backend=backend, num_iter=num_iter),
+            for label, backend, options in DECODE_VARIANTS:
+                if args.smoke and options:
+                    continue
+                step = jax.jit(functools.partial(decode_step, backend=backend, num_iter=num_iter, options=options),
                                donate_argnums=(1, 2))
                 h_kk, h_kv = jnp.asarray(kk), jnp.asarray(kv)
                 for _ in range(3):
@@ -297,10 +316,9 @@ def section_decode(args, ref, copy_gbps):
                     jax.block_until_ready((o, h_kk, h_kv))
                     times.append((time.perf_counter() - start) * 1e3)
                 ms = statistics.median(times)
-                row[f"{backend} ms"] = ms
-                row[f"{backend} GB/s"] = bytes_moved / ms / 1e6
+                row[f"{label} ms"] = ms
                 if copy_gbps:
-                    row[f"{backend} % of copy BW"] = 100 * bytes_moved / ms / 1e6 / copy_gbps
+                    row[f"{label} % of copy BW"] = 100 * bytes_moved / ms / 1e6 / copy_gbps
             if ref is not None:
                 try:
                     import torch
@@ -317,9 +335,23 @@ def section_decode(args, ref, copy_gbps):
             record("decode", **row)
 
 
-def decode_step(x, h_kk, h_kv, *, backend, num_iter):
+# (label, backend, extra pallas_decode options); the first pallas row is the default.
+DECODE_VARIANTS = [
+    ("pallas", "pallas", {}),
+    ("fused sym w8", "pallas", {"split": False, "matvec": "sym", "num_warps": 8}),
+    ("split sym w4", "pallas", {"split": True, "matvec": "sym", "num_warps": 4}),
+    ("split sym w8", "pallas", {"split": True, "matvec": "sym", "num_warps": 8}),
+    ("split sum w4", "pallas", {"split": True, "matvec": "sum", "num_warps": 4}),
+    ("xla", "xla", {}),
+]
+
+
+def decode_step(x, h_kk, h_kv, *, backend, num_iter, options=None):
+    if backend == "pallas" and INTERPRET:
+        backend = PALLAS
     res = kernels.gka_decode(x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv, num_iter=num_iter,
-                             ridge_strength=RIDGE, scale=SCALE, precision=jax.lax.Precision.DEFAULT, backend=backend)
+                             ridge_strength=RIDGE, scale=SCALE, precision=jax.lax.Precision.DEFAULT, backend=backend,
+                             **(options or {}))
     return res.o, res.h_kk, res.h_kv
 
 

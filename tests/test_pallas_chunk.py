@@ -1,9 +1,11 @@
-"""The Pallas state-pass and GLA-output kernels against the pure-JAX reference and the float64 oracle.
+"""The Pallas state-pass, GLA-output and fused GLA kernels against the pure-JAX reference and the float64 oracle.
 
 On CPU the kernels run with interpret=True (on a GPU backend they run compiled). Tolerances: relative
-Frobenius error <= 1e-5 against the fp32 reference (both HIGHEST), <= 1e-4 against float64.
-``test_lowers_for_gpu`` checks the Triton lowering (TTIR generation, not the Triton compiler) at the
-production tile sizes without a GPU.
+Frobenius error <= 1e-5 against the fp32 reference and between the fused and two-kernel paths (all
+HIGHEST), <= 1e-4 against float64; bf16 chunk starts <= 4e-3 against fp32 ones (bf16 keeps 8 mantissa bits:
+<= 2^-9 per element). ``test_lowers_for_gpu`` checks the Triton lowering (TTIR generation, not the Triton
+compiler) at the production tile sizes without a GPU; it is skipped on a GPU backend (the cuda export
+lowering fails there with "No supported GPU devices found", and the other tests run compiled).
 """
 
 import jax
@@ -18,9 +20,10 @@ from gka_jax.kernels import oracle, pallas_chunk, reference
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the Triton lowering's, on jax >= 0.11
 
 INTERPRET = jax.default_backend() != "gpu"
-TOL_REF, TOL_FP64 = 1e-5, 1e-4
+TOL_REF, TOL_FP64, TOL_BF16_STARTS = 1e-5, 1e-4, 4e-3
 
-# d, dv, chunk, t, kv heads, beta, separate g_kk, initial states, tunables (state pass / output block_v)
+# d, dv, chunk, t, kv heads, beta, separate g_kk, initial states, tunables (state pass / output and fused
+# block_v)
 CASES = {
     "d16-c16-t48-gqa": (16, 16, 16, 48, 2, True, False, True, {}),
     "d16-c16-t37-mha-nobeta-gkk": (16, 16, 16, 37, 4, False, True, True, {}),
@@ -48,17 +51,23 @@ def test_matches_reference_and_oracle(name):
                                          interpret=INTERPRET, **tunables)
         o = pallas_chunk.gla_output(q, k, v, beta, g, states[1], scale=scale, chunk_size=chunk,
                                     interpret=INTERPRET, block_v=out_block_v)
+        fused = pallas_chunk.gla_fused(q, k, v, beta, g, h_kv, scale=scale, chunk_size=chunk,
+                                       interpret=INTERPRET, block_v=out_block_v)
         k_x, v_x = reference.expand_heads(k, v, beta, q.shape[2])
         ref_states = reference.chunk_state_pass(k_x, v_x, g, h_kk, h_kv, g_kk=g_kk, chunk_size=chunk)
         ref_o = reference.gla_chunked(q, k_x, v_x, g, ref_states[1], scale=scale, chunk_size=chunk)
-        return states, o, ref_states, ref_o
+        return states, o, fused, ref_states, ref_o
 
-    states, o, ref_states, ref_o = kernels_and_reference(
+    states, o, (fused_o, fused_h_kv), ref_states, ref_o = kernels_and_reference(
         inp["q"], inp["k"], inp["v"], beta, inp["g"], g_kk, inp["h_kk"], inp["h_kv"])
     for got, want in zip(states, ref_states):
         assert got.dtype == jnp.float32
         assert rel(got, want) < TOL_REF
     assert o.dtype == jnp.float32 and rel(o, ref_o) < TOL_REF
+    # The fused kernel against the two-kernel path and the reference.
+    assert fused_o.dtype == fused_h_kv.dtype == jnp.float32
+    assert rel(fused_o, o) < TOL_REF and rel(fused_h_kv, states[3]) < TOL_REF
+    assert rel(fused_o, ref_o) < TOL_REF and rel(fused_h_kv, ref_states[3]) < TOL_REF
 
     # num_iter = 0: o_t = scale * S_t^T q_t, so the composition is plain GLA.
     want = oracle.gka_core_fp64(inp["q"], inp["k"], inp["v"], beta, inp["g"], None, inp["h_kk"], inp["h_kv"],
@@ -66,6 +75,34 @@ def test_matches_reference_and_oracle(name):
     assert rel(states[2], want["h_kk"]) < TOL_FP64
     assert rel(states[3], want["h_kv"]) < TOL_FP64
     assert rel(o, want["o"]) < TOL_FP64
+    assert rel(fused_h_kv, want["h_kv"]) < TOL_FP64
+    assert rel(fused_o, want["o"]) < TOL_FP64
+
+
+@pytest.mark.parametrize("separate_g_kk", [True, False])
+def test_kk_only_and_bf16_starts(separate_g_kk):
+    """kk_only equals the h_kk half of the full pass; bf16 starts round the fp32 ones, finals stay fp32."""
+    d, chunk, t = 32, 16, 37
+    inp = make_inputs(seed=3, b=1, t=t, h=4, hkv=2, d=d, with_state=True)
+    rng = np.random.default_rng(5)
+    g_kk = (-np.exp(rng.uniform(-4, 1, size=inp["g"].shape))).astype(np.float32) if separate_g_kk else None
+
+    @jax.jit
+    def passes(k, v, beta, g, g_kk, h_kk, h_kv):
+        full = pallas_chunk.state_pass(k, v, beta, g, g_kk, h_kk, h_kv, chunk_size=chunk, interpret=INTERPRET)
+        kk = pallas_chunk.state_pass(k, None, beta, g, g_kk, h_kk, None, chunk_size=chunk, interpret=INTERPRET,
+                                     kk_only=True, block_v=16)
+        kk_bf16 = pallas_chunk.state_pass(k, None, beta, g, g_kk, h_kk, None, chunk_size=chunk,
+                                          interpret=INTERPRET, kk_only=True, starts_dtype=jnp.bfloat16)
+        return full, kk, kk_bf16
+
+    full, kk, kk_bf16 = passes(inp["k"], inp["v"], inp["beta"], inp["g"], g_kk, inp["h_kk"], inp["h_kv"])
+    assert len(kk) == len(kk_bf16) == 2
+    assert kk[0].dtype == kk[1].dtype == kk_bf16[1].dtype == jnp.float32
+    assert rel(kk[0], full[0]) < 1e-6 and rel(kk[1], full[2]) < 1e-6
+    assert kk_bf16[0].dtype == jnp.bfloat16
+    assert rel(kk_bf16[0], full[0]) < TOL_BF16_STARTS
+    assert rel(kk_bf16[1], full[2]) < 1e-6
 
 
 def test_rejects_bad_blocks():
@@ -78,12 +115,16 @@ def test_rejects_bad_blocks():
     with pytest.raises(ValueError, match="chunks"):
         pallas_chunk.gla_output(inp["q"], inp["k"], inp["v"], None, inp["g"], jnp.zeros((1, 2, 3, 32, 32)),
                                 scale=1.0, chunk_size=16, interpret=True)
+    with pytest.raises(ValueError, match="block_v"):
+        pallas_chunk.gla_fused(inp["q"], inp["k"], inp["v"], None, inp["g"], inp["h_kv"], scale=1.0,
+                               block_v=8, interpret=True)
 
 
 @pytest.mark.skipif(not pallas_chunk.AVAILABLE, reason="no Pallas Triton lowering in this jax")
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuda export lowering needs no GPU; runs compiled there")
 @pytest.mark.parametrize("gates", [True, False])
 def test_lowers_for_gpu(gates):
-    """Both kernels lower to Triton IR at D = Dv = 128, chunk 64, bf16 k/v, ragged T (no GPU needed)."""
+    """All kernels lower to Triton IR at D = Dv = 128, chunk 64, bf16 k/v, ragged T (no GPU needed)."""
     b, t, h, hkv, d, c = 1, 300, 4, 2, 128, 64
     f32, bf16 = jnp.float32, jnp.bfloat16
     k = jax.ShapeDtypeStruct((b, t, hkv, d), bf16)
@@ -94,8 +135,13 @@ def test_lowers_for_gpu(gates):
 
     def run(q, k, v, beta, g, g_kk, h_kk, h_kv, starts):
         states = pallas_chunk.state_pass(k, v, beta, g, g_kk, h_kk, h_kv, chunk_size=c, block_k=64)
-        return states, pallas_chunk.gla_output(q, k, v, beta, g, starts, scale=0.1, chunk_size=c)
+        kk_bf16 = pallas_chunk.state_pass(k, None, beta, g, g_kk, h_kk, None, chunk_size=c, kk_only=True,
+                                          starts_dtype=bf16)
+        o = pallas_chunk.gla_output(q, k, v, beta, g, starts, scale=0.1, chunk_size=c)
+        fused = [pallas_chunk.gla_fused(q, k, v, beta, g, h_kv, scale=0.1, chunk_size=c, block_v=block_v)
+                 for block_v in (32, 128)]
+        return states, kk_bf16, o, fused
 
     lowered = jax.jit(run).trace(jax.ShapeDtypeStruct((b, t, h, d), f32), k, k, gate, g, gate, state, state,
                                  starts).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 2
+    assert lowered.as_text().count("xla.gpu.triton") == 5

@@ -10,8 +10,12 @@ tokens, G_t the within-chunk inclusive cumsum of the log-decay and G_last its va
 
 ``state_pass`` follows fla's ``chunk_fwd_h``: one program per (column block of [h_kk | h_kv], row block, head,
 batch) walks the N chunks in a ``lax.fori_loop`` with its fp32 state block in registers, storing it as each
-chunk's start. ``gla_output`` runs one program per (column block of o, chunk, head, batch). A sequence whose
-length is not a multiple of the chunk is zero-padded in the wrapper (zero k, v, g change no state).
+chunk's start (``kk_only``: h_kk alone; ``starts_dtype`` bf16 halves the starts' traffic). ``gla_output`` runs
+one program per (column block of o, chunk, head, batch) from those stored h_kv starts. ``gla_fused`` does both
+halves for h_kv in one kernel: one program per (column block of o, head, batch) walks the chunks, writes each
+chunk's output from the h_kv block it carries in registers, then advances that block; the h_kv starts never
+reach memory. A sequence whose length is not a multiple of the chunk is zero-padded in the wrapper (zero k,
+v, g change no state).
 
 Triton lowering constraints honoured here: every loaded/stored/computed block has power-of-2 sizes, every dot
 is 2-D with dims >= 16 and an explicit precision, no scratch memory, no slicing of values.
@@ -70,21 +74,23 @@ def _dot(a, b, precision):
 
 
 # ----------------------------------------------------------------------------- state pass
-def _state_pass_kernel(*refs, chunk, num_chunks, block_k, block_v, num_kk_blocks, has_beta, has_g_kk,
-                       precision):
+def _state_pass_kernel(*refs, chunk, num_chunks, block_k, block_v, num_kk_blocks, kk_only, has_beta,
+                       has_g_kk, precision):
     refs = list(refs)
-    k_ref, v_ref = refs.pop(0), refs.pop(0)         # [Tp, D], [Tp, Dv] (this kv head)
+    k_ref = refs.pop(0)                             # [Tp, D] (this kv head)
+    v_ref = None if kk_only else refs.pop(0)        # [Tp, Dv]
     beta_ref = refs.pop(0) if has_beta else None    # [Tp]
-    g_ref = refs.pop(0)                             # [Tp]
+    g_ref = refs.pop(0)                             # [Tp] (kk_only: the h_kk decay)
     g_kk_ref = refs.pop(0) if has_g_kk else g_ref   # [Tp]
-    h_kk0_ref, h_kv0_ref, kk_starts_ref, kv_starts_ref, kk_final_ref, kv_final_ref = refs
+    num_states = 1 if kk_only else 2                # then: initial, starts, final refs of h_kk [, h_kv]
+    init_refs, starts_refs, final_refs = refs[:num_states], refs[num_states:-num_states], refs[-num_states:]
     col_block = pl.program_id(0)
     row0 = pl.program_id(1) * block_k
 
     def run(values_ref, col0, gate_ref, init_ref, starts_ref, final_ref):
         def body(n, state):                          # state [BK, BV] f32
             rows = pl.ds(n * chunk, chunk)
-            starts_ref[n] = state
+            starts_ref[n] = state.astype(starts_ref.dtype)
             gcum = jnp.cumsum(gate_ref[rows].astype(F32))           # [C]
             g_last = _last(gcum)
             weight = jnp.exp(g_last - gcum)                          # [C]
@@ -97,33 +103,39 @@ def _state_pass_kernel(*refs, chunk, num_chunks, block_k, block_v, num_kk_blocks
 
         final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, init_ref[...].astype(F32))
 
-    @pl.when(col_block < num_kk_blocks)
-    def _():
-        run(k_ref, col_block * block_v, g_kk_ref, h_kk0_ref, kk_starts_ref, kk_final_ref)
+    run_kk = functools.partial(run, k_ref, col_block * block_v, g_kk_ref, init_refs[0], starts_refs[0],
+                               final_refs[0])
+    if kk_only:
+        run_kk()
+        return
+    pl.when(col_block < num_kk_blocks)(run_kk)
 
     @pl.when(col_block >= num_kk_blocks)
     def _():
-        run(v_ref, (col_block - num_kk_blocks) * block_v, g_ref, h_kv0_ref, kv_starts_ref, kv_final_ref)
+        run(v_ref, (col_block - num_kk_blocks) * block_v, g_ref, init_refs[1], starts_refs[1], final_refs[1])
 
 
 def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HIGHEST, interpret=False,
-               block_v=None, block_k=None, num_warps=None, num_stages=None):
+               block_v=None, block_k=None, num_warps=None, num_stages=None, kk_only=False, starts_dtype=F32):
     """Chunk-start and final states of h_kk and h_kv (``reference.chunk_state_pass`` on expanded heads).
 
     k [B, T, Hkv, D], v [B, T, Hkv, Dv] (unexpanded; query head h reads kv head h // (H // Hkv));
     beta [B, T, H] multiplier of k and v, or None; g [B, T, H] log-decay of h_kv; g_kk [B, T, H] that of
     h_kk, or None (= g); h_kk0 [B, H, D, D], h_kv0 [B, H, D, Dv] initial states.
     Returns (h_kk_starts [B, H, N, D, D], h_kv_starts [B, H, N, D, Dv], h_kk_final [B, H, D, D],
-    h_kv_final [B, H, D, Dv]), float32, N = ceil(T / chunk_size).
+    h_kv_final [B, H, D, Dv]), N = ceil(T / chunk_size); the starts in ``starts_dtype`` (float32, or
+    bfloat16 to halve their write and read traffic), the finals float32 (accumulation is always float32).
+    ``kk_only``: h_kk alone, returning (h_kk_starts, h_kk_final); v and h_kv0 are then ignored (may be None)
+    and g only serves as the h_kk decay when g_kk is None (h_kv comes from ``gla_fused``).
 
-    Grid ((D + Dv) / block_v, D / block_k, H, B): each program owns a [block_k, block_v] block of the
-    concatenated state [h_kk | h_kv] (the first D / block_v column blocks are h_kk's) and loops over the
-    chunks. Tunables (defaults are untuned starting points): block_v (default min(64, D, Dv)), block_k
-    (default D; D / 2 doubles the programs, e.g. for B=1), num_warps (default 4), num_stages (default 2;
-    software pipelining of the chunk loop's loads).
+    Grid ((D + Dv) / block_v, D / block_k, H, B) (kk_only: (D / block_v, ...)): each program owns a
+    [block_k, block_v] block of the concatenated state [h_kk | h_kv] (the first D / block_v column blocks are
+    h_kk's) and loops over the chunks. Tunables (defaults are untuned starting points): block_v (default
+    min(64, D, Dv)), block_k (default D; D / 2 doubles the programs, e.g. for B=1), num_warps (default 4),
+    num_stages (default 2; software pipelining of the chunk loop's loads).
     """
     b, t, num_kv_heads, d = k.shape
-    dv = v.shape[-1]
+    dv = d if kk_only else v.shape[-1]
     num_heads = g.shape[2]
     group = num_heads // num_kv_heads
     block_v = block_v or min(64, d, dv)
@@ -135,7 +147,7 @@ def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HI
     num_chunks = -(-t // chunk_size)
     tp = num_chunks * chunk_size
     num_kk_blocks = d // block_v
-    grid = (num_kk_blocks + dv // block_v, d // block_k, num_heads, b)
+    grid = (num_kk_blocks + (0 if kk_only else dv // block_v), d // block_k, num_heads, b)
 
     def kk_col(j):  # column block of h_kk (clamped for the h_kv programs, which do not touch it)
         return jnp.minimum(j, num_kk_blocks - 1)
@@ -143,34 +155,38 @@ def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HI
     def kv_col(j):
         return jnp.maximum(j - num_kk_blocks, 0)
 
+    def state_spec(col):
+        return pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, col(j)))
+
+    def starts_spec(col):
+        return pl.BlockSpec((None, None, num_chunks, block_k, block_v), lambda j, i, h, bi: (bi, h, 0, i, col(j)))
+
     seq_spec = pl.BlockSpec((None, tp, None), lambda j, i, h, bi: (bi, 0, h))
-    inputs = [_pad_time(k, tp), _pad_time(v, tp)]
-    in_specs = [pl.BlockSpec((None, tp, None, d), lambda j, i, h, bi: (bi, 0, h // group, 0)),
-                pl.BlockSpec((None, tp, None, dv), lambda j, i, h, bi: (bi, 0, h // group, 0))]
-    for per_token in (beta, g, g_kk):  # [B, T, H] each
+    inputs = [_pad_time(k, tp)]
+    in_specs = [pl.BlockSpec((None, tp, None, d), lambda j, i, h, bi: (bi, 0, h // group, 0))]
+    if not kk_only:
+        inputs.append(_pad_time(v, tp))
+        in_specs.append(pl.BlockSpec((None, tp, None, dv), lambda j, i, h, bi: (bi, 0, h // group, 0)))
+    gates = [g if g_kk is None else g_kk] if kk_only else [g, g_kk]
+    for per_token in [beta] + gates:  # [B, T, H] each
         if per_token is not None:
             inputs.append(_pad_time(per_token, tp))
             in_specs.append(seq_spec)
-    inputs += [h_kk0, h_kv0]
-    in_specs += [pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kk_col(j))),
-                 pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kv_col(j)))]
-    out_specs = [
-        pl.BlockSpec((None, None, num_chunks, block_k, block_v), lambda j, i, h, bi: (bi, h, 0, i, kk_col(j))),
-        pl.BlockSpec((None, None, num_chunks, block_k, block_v), lambda j, i, h, bi: (bi, h, 0, i, kv_col(j))),
-        pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kk_col(j))),
-        pl.BlockSpec((None, None, block_k, block_v), lambda j, i, h, bi: (bi, h, i, kv_col(j))),
-    ]
-    out_shape = [jax.ShapeDtypeStruct((b, num_heads, num_chunks, d, d), F32),
-                 jax.ShapeDtypeStruct((b, num_heads, num_chunks, d, dv), F32),
-                 jax.ShapeDtypeStruct((b, num_heads, d, d), F32),
-                 jax.ShapeDtypeStruct((b, num_heads, d, dv), F32)]
+    cols = [kk_col] if kk_only else [kk_col, kv_col]
+    widths = [d] if kk_only else [d, dv]
+    inputs += [h_kk0] if kk_only else [h_kk0, h_kv0]
+    in_specs += [state_spec(col) for col in cols]
+    out_specs = [starts_spec(col) for col in cols] + [state_spec(col) for col in cols]
+    out_shape = ([jax.ShapeDtypeStruct((b, num_heads, num_chunks, d, w), starts_dtype) for w in widths]
+                 + [jax.ShapeDtypeStruct((b, num_heads, d, w), F32) for w in widths])
     kernel = functools.partial(
         _state_pass_kernel, chunk=chunk_size, num_chunks=num_chunks, block_k=block_k, block_v=block_v,
-        num_kk_blocks=num_kk_blocks, has_beta=beta is not None, has_g_kk=g_kk is not None, precision=precision)
+        num_kk_blocks=num_kk_blocks, kk_only=kk_only, has_beta=beta is not None,
+        has_g_kk=not kk_only and g_kk is not None, precision=precision)
     return tuple(pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(num_warps, num_stages, interpret), interpret=interpret,
-        name="gka_state_pass",
+        name="gka_state_pass_kk" if kk_only else "gka_state_pass",
     )(*inputs))
 
 
@@ -238,3 +254,84 @@ def gla_output(q, k, v, beta, g, h_kv_starts, *, scale, chunk_size=64, precision
         name="gka_gla_output",
     )(*inputs)
     return o[:, :t]
+
+
+# ----------------------------------------------------------------------------- fused h_kv pass + GLA output
+def _fused_kernel(*refs, chunk, num_chunks, scale, has_beta, precision):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)   # [Tp, D], [Tp, D], [Tp, BV]
+    beta_ref = refs.pop(0) if has_beta else None                  # [Tp]
+    g_ref, h_kv0_ref, o_ref, h_kv_final_ref = refs                # [Tp], [D, BV], [Tp, BV], [D, BV]
+    idx = jnp.arange(chunk)
+    causal = idx[:, None] >= idx[None, :]                         # [C, C]
+
+    def body(n, state):                                           # state [D, BV] f32: h_kv at chunk n's start
+        rows = pl.ds(n * chunk, chunk)
+        q = q_ref[rows, :].astype(F32)                            # [C, D]
+        k = k_ref[rows, :].astype(F32)                            # [C, D]
+        v = v_ref[rows, :].astype(F32)                            # [C, BV]
+        gcum = jnp.cumsum(g_ref[rows].astype(F32))                # [C]
+        g_last = _last(gcum)
+        decay = jnp.exp(jnp.where(causal, gcum[:, None] - gcum[None, :], -jnp.inf))   # [C, C]
+        weight = jnp.exp(g_last - gcum)                           # [C]
+        if beta_ref is not None:
+            beta = beta_ref[rows].astype(F32)
+            decay = decay * (beta * beta)[None, :]                # beta of k_s and of v_s
+            weight = weight * beta * beta
+        scores = _dot(q, k.T, precision) * decay                  # [C, C]
+        inter = _dot(q * jnp.exp(gcum)[:, None], state, precision)                 # [C, BV]
+        o_ref[rows, :] = scale * (inter + _dot(scores, v, precision))
+        return jnp.exp(g_last) * state + _dot((k * weight[:, None]).T, v, precision)
+
+    h_kv_final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, h_kv0_ref[...].astype(F32))
+
+
+def gla_fused(q, k, v, beta, g, h_kv0, *, scale, chunk_size=64, precision=HIGHEST, interpret=False,
+              block_v=None, num_warps=None, num_stages=None):
+    """GLA output and final h_kv in one pass: ``gla_output(q, k, v, beta, g, state_pass(...)[1])`` and
+    ``state_pass(...)[3]`` without materialising the h_kv chunk starts.
+
+    q [B, T, H, D] (mixed queries q'); k [B, T, Hkv, D], v [B, T, Hkv, Dv] unexpanded; beta [B, T, H] or
+    None; g [B, T, H] log-decay of h_kv; h_kv0 [B, H, D, Dv] initial state.
+    Returns (o [B, T, H, Dv], h_kv_final [B, H, D, Dv]), float32.
+
+    Grid (Dv / block_v, H, B): each program carries S = its [D, block_v] block of h_kv (fp32, registers)
+    through the chunks in order; per chunk (Q, K, V with beta, G the in-chunk cumulative decay, M the
+    causal decay mask, M[t, s] = exp(G_t - G_s) for s <= t):
+        o = scale * ((Q * exp(G)) @ S + ((Q @ K^T) * M) @ V),
+        then S = exp(G_last) S + (K * exp(G_last - G))^T @ V.
+    Each program recomputes Q @ K^T (Dv / block_v times per chunk in all). Tunables (untuned starting
+    points): block_v (default min(64, Dv); smaller gives more programs at small B * H), num_warps (default
+    4), num_stages (default 2; software pipelining of the chunk loop's loads).
+    """
+    b, t, num_heads, d = q.shape
+    num_kv_heads, dv = v.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    block_v = block_v or min(64, dv)
+    num_warps, num_stages = num_warps or 4, num_stages or 2
+    _check_block("block_v", block_v, dv)
+    _check_block("chunk_size", chunk_size)
+    num_chunks = -(-t // chunk_size)
+    tp = num_chunks * chunk_size
+    seq_spec = pl.BlockSpec((None, tp, None), lambda j, h, bi: (bi, 0, h))
+    inputs = [_pad_time(q, tp), _pad_time(k, tp), _pad_time(v, tp)]
+    in_specs = [pl.BlockSpec((None, tp, None, d), lambda j, h, bi: (bi, 0, h, 0)),
+                pl.BlockSpec((None, tp, None, d), lambda j, h, bi: (bi, 0, h // group, 0)),
+                pl.BlockSpec((None, tp, None, block_v), lambda j, h, bi: (bi, 0, h // group, j))]
+    if beta is not None:
+        inputs.append(_pad_time(beta, tp))
+        in_specs.append(seq_spec)
+    inputs += [_pad_time(g, tp), h_kv0]
+    state_spec = pl.BlockSpec((None, None, d, block_v), lambda j, h, bi: (bi, h, 0, j))
+    in_specs += [seq_spec, state_spec]
+    kernel = functools.partial(_fused_kernel, chunk=chunk_size, num_chunks=num_chunks, scale=scale,
+                               has_beta=beta is not None, precision=precision)
+    o, h_kv_final = pl.pallas_call(
+        kernel, grid=(dv // block_v, num_heads, b), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, tp, None, block_v), lambda j, h, bi: (bi, 0, h, j)), state_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, num_heads, dv), F32),
+                   jax.ShapeDtypeStruct((b, num_heads, d, dv), F32)],
+        compiler_params=_compiler_params(num_warps, num_stages, interpret), interpret=interpret,
+        name="gka_gla_fused",
+    )(*inputs)
+    return o[:, :t], h_kv_final

@@ -1,9 +1,9 @@
 """GKA prefill from the three Pallas GPU kernels, with a ``jax.custom_vjp`` for fine-tuning.
 
-    starts, finals = state_pass(k, v)            (pallas_chunk: h_kk / h_kv at every chunk start, fp32)
-    x              = chebyshev_solve(q, h_kk)    (pallas_solve: num_iter iterations per chunk, in registers)
-    q'             = q + alpha (x - q)
-    o              = gla_output(q', k, v, h_kv)  (pallas_chunk)
+    h_kk starts, h_kk final = state_pass(k, kk_only)   (pallas_chunk: h_kk at every chunk start)
+    x                       = chebyshev_solve(q, h_kk)  (pallas_solve: num_iter iterations per chunk, in registers)
+    q'                      = q + alpha (x - q)
+    o, h_kv final           = gla_fused(q', k, v, h_kv) (pallas_chunk: h_kv stays in registers across chunks)
 
 Same signature and result as ``reference.gka_prefill``. GQA keys/values stay at their Hkv heads in memory:
 each kernel reads kv head h // group for query head h and applies beta itself.
@@ -44,8 +44,8 @@ def supports(q, k, v, *, chunk_size: int = 64) -> bool:
 # Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=16K (benchmarks/tune_kernels.py, docs/kernels.md).
 GPU_TUNING = {
     "solve": {"num_warps": 4, "num_stages": 1},
-    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2},
-    "gla": {"block_v": 64, "num_warps": 4, "num_stages": 1},
+    "state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2},
+    "gla": {"block_v": 32, "num_warps": 4, "num_stages": 2},
 }
 
 
@@ -63,9 +63,11 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
              precision, interpret, tuning):
     tuning = {name: dict(opts) for name, opts in tuning or ()} or ({} if interpret else GPU_TUNING)
     kernel_precision = _kernel_precision(precision)
-    kk_starts, kv_starts, h_kk_final, h_kv_final = pallas_chunk.state_pass(
-        k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), chunk_size=chunk_size, precision=kernel_precision,
-        interpret=interpret, **tuning.get("state_pass", {}))
+    # h_kk at every chunk start (bf16 when the solve's operands are bf16: it casts H0 to bf16 anyway).
+    starts_dtype = _solve_operands(precision)
+    kk_starts, h_kk_final = pallas_chunk.state_pass(
+        k, None, beta, g, g_kk, upcast(h_kk), None, chunk_size=chunk_size, precision=kernel_precision,
+        interpret=interpret, kk_only=True, starts_dtype=starts_dtype, **tuning.get("state_pass", {}))
     q32 = upcast(q)
     if num_iter > 0:
         x = pallas_solve.chebyshev_solve(
@@ -76,8 +78,9 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
     else:
         x = q32
         q_mixed = q32
-    o = pallas_chunk.gla_output(q_mixed, k, v, beta, g, kv_starts, scale=scale, chunk_size=chunk_size,
-                                precision=kernel_precision, interpret=interpret, **tuning.get("gla", {}))
+    # h_kv never leaves the registers of the fused kernel: it walks the chunks, writing o then updating h_kv.
+    o, h_kv_final = pallas_chunk.gla_fused(q_mixed, k, v, beta, g, upcast(h_kv), scale=scale, chunk_size=chunk_size,
+                                           precision=kernel_precision, interpret=interpret, **tuning.get("gla", {}))
     return GKAResult(o.astype(q.dtype), x.astype(q.dtype), h_kk_final, h_kv_final)
 
 
