@@ -243,7 +243,7 @@ def ref_args(x):
 
 
 def section_prefill(args, ref):
-    lengths = (200,) if args.smoke else (4096,) if args.quick else (4096, 16384)
+    lengths = (200,) if args.smoke else (4096,) if args.quick else tuple(int(n) for n in args.lengths.split(","))
     for t in lengths:
         raw = make_inputs(4, 1, t)
         xbf = to_jax(raw, jnp.bfloat16)
@@ -433,6 +433,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sections", default="errors,prefill,decode,layer")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--lengths", default="4096,16384", help="prefill lengths T")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of this script: tiny shapes, Pallas in interpret mode, no reference")
     args = parser.parse_args()
