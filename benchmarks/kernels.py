@@ -338,6 +338,7 @@ def section_decode(args, ref, copy_gbps):
 # (label, backend, extra pallas_decode options); the first pallas row is the default.
 DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
+    ("fused sum w8", "pallas", {"split": False, "matvec": "sum", "num_warps": 8}),
     ("fused sym w8", "pallas", {"split": False, "matvec": "sym", "num_warps": 8}),
     ("split sym w4", "pallas", {"split": True, "matvec": "sym", "num_warps": 4}),
     ("split sym w8", "pallas", {"split": True, "matvec": "sym", "num_warps": 8}),

@@ -179,7 +179,7 @@ cuda_export = pytest.mark.skipif(jax.default_backend() == "gpu", reason="needs a
 @cuda_export
 def test_lowers_to_triton_with_aliased_states():
     """The fused kernel lowers to TTIR, with both states aliased."""
-    text = export_for_cuda()
+    text = export_for_cuda(split=False)
     assert text.count("__gpu$xla.gpu.triton") == 1 and "num_stages = 1" in text and "num_warps = 8" in text
     assert "output_operand_alias<output_tuple_indices = [2], operand_index = 3" in text
     assert "output_operand_alias<output_tuple_indices = [3], operand_index = 4" in text
