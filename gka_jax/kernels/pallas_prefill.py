@@ -62,6 +62,7 @@ def _solve_operands(precision):
 def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_strength, scale, chunk_size,
              precision, interpret, tuning):
     tuning = {name: dict(opts) for name, opts in tuning or ()} or ({} if interpret else GPU_TUNING)
+    tuning = _fit_blocks(tuning, q.shape[-1], v.shape[-1])
     kernel_precision = _kernel_precision(precision)
     # h_kk at every chunk start (bf16 when the solve's operands are bf16: it casts H0 to bf16 anyway).
     starts_dtype = _solve_operands(precision)
@@ -126,6 +127,13 @@ def gka_prefill(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength
                                chunk_size=chunk_size, precision=precision, interpret=interpret,
                                tuning=_freeze(tuning)).items()))
     return _prefill(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, static)
+
+
+def _fit_blocks(tuning, d, dv):
+    """Block sizes capped at the head dims they tile (the tuned 32/64/128 blocks are for D = 128)."""
+    limits = {"state_pass": {"block_v": d, "block_k": d}, "gla": {"block_v": dv}}
+    return {name: {key: min(value, limits.get(name, {}).get(key, value)) if isinstance(value, int) else value
+                   for key, value in opts.items()} for name, opts in tuning.items()}
 
 
 def _freeze(tuning):
