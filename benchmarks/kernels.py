@@ -141,12 +141,13 @@ def pieces_pallas(x, num_iter, precision, tuning=None):
                                                               interpret=INTERPRET, **tune.get("solve", {})))
     gla = jax.jit(lambda x: pallas_chunk.gla_fused(x["q"], x["k"], x["v"], x["beta"], x["g"], zeros_kk, scale=SCALE,
                                                    chunk_size=64, precision=prec, interpret=INTERPRET,
-                                                   **tune.get("gla", {})))
+                                                   **{k: v for k, v in tune.get("gla", {}).items() if k != "fused"}))
     return dict(state_pass=(state, (x,)), solve=(solve, (x, kk_starts)), gla=(gla, (x,)))
 
 
 # Tuning variants timed beside the defaults (pallas_prefill.GPU_TUNING) at the 8B shapes.
 VARIANTS = {
+    "two-kernel GLA": pallas_prefill.TWO_KERNEL_GLA,
     "blocks 64": {"state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2},
                   "gla": {"block_v": 64, "num_warps": 4, "num_stages": 2}},
     "gla blocks 16": {"gla": {"block_v": 16, "num_warps": 4, "num_stages": 2}},

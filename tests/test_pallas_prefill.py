@@ -54,10 +54,10 @@ def test_matches_reference_and_float64(t, num_iter, hkv, options):
     assert rel(got.h_kk, exact["h_kk"]) < 1e-4 and rel(got.h_kv, exact["h_kv"]) < 1e-4
 
 
-def test_gpu_tuning_fits_small_head_dims():
-    """The GPU block sizes (tuned for D = 128) are capped for smaller heads instead of failing."""
-    inp = make_inputs(4, b=1, t=40, h=4, hkv=2, d=16)
-    tuning = {name: dict(opts) for name, opts in pallas_prefill.GPU_TUNING.items()}
+@pytest.mark.parametrize("tuning", [pallas_prefill.GPU_TUNING, pallas_prefill.TWO_KERNEL_GLA])
+def test_gpu_tunings_and_both_gla_paths(tuning):
+    """Both GLA paths (fused, two-kernel) with the GPU block sizes, which are capped for small heads."""
+    inp = make_inputs(4, b=1, t=40, h=4, hkv=2, d=16, with_state=True)
     got = pallas(inp, 5, precision=reference.HIGHEST, tuning=tuning)
     want = prefill(reference.gka_prefill, inp, 5)
     for a, b in zip(got, want):
