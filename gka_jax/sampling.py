@@ -105,7 +105,7 @@ def filter_logits(logits, rows: RowParams):
     keep = rank < top_k
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, _NEG), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs                            # mass of strictly better tokens
-    keep &= before < rows.top_p[:, None]
+    keep &= (before < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1.0)   # top_p 1: no cut (even in rounding)
     keep &= probs >= rows.min_p[:, None] * probs[:, :1]
     keep = keep.at[:, 0].set(True)                                          # the best token always stays
     sorted_logits = jnp.where(keep, sorted_logits, _NEG)
@@ -116,7 +116,11 @@ def sample(logits, rows: RowParams, seen, counts, step):
     """The next token [B] int32 for logits [B, V]; ``step`` varies the per-row keys."""
     logits = apply_penalties(logits.astype(jnp.float32), rows, seen, counts)
     greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_logits(logits, rows)
+    # The vocabulary sort is only needed when some row asks for top-k / top-p / min-p (greedy or plain
+    # temperature sampling skips it; both branches give the same distribution for such rows).
+    needs_filter = jnp.any((rows.top_k > 0) | (rows.top_p < 1.0) | (rows.min_p > 0.0))
+    temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
+    filtered = jax.lax.cond(needs_filter, lambda x: filter_logits(x, rows), lambda x: x / temperature, logits)
     keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(rows.key)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
     return jnp.where(rows.temperature > 0, drawn, greedy).astype(jnp.int32)

@@ -162,6 +162,22 @@ def test_top_k_top_p_min_p_masks():
     np.testing.assert_allclose(np.asarray(filter_logits(LOGITS, rows_for(1, temperature=0.5))), LOGITS * 2)
 
 
+def test_unfiltered_rows_skip_the_sort_with_the_same_draws():
+    """Greedy / plain-temperature batches skip the vocabulary sort; the draws equal those of the sorted
+    path for the same keys, and top_p = 1 never cuts the tail (even where the cumulative sum rounds to 1)."""
+    tail = jnp.concatenate([jnp.asarray([[30.0]]), jnp.full((1, 5000), -10.0)], axis=1)  # tail mass ~1e-17
+    assert len(kept(filter_logits(tail, rows_for(1, top_p=1.0)))) == 5001
+    logits = jax.random.normal(jax.random.PRNGKey(3), (4, 50)) * 2
+    seen = jnp.zeros((4, 50), bool)
+    counts = jnp.zeros((4, 50), jnp.int32)
+    plain = rows_for(4, temperature=0.7, seed=5)
+    forced = plain._replace(min_p=jnp.full((4,), 1e-30))      # same distribution, through the sorted path
+    for step in range(20):
+        a = sample(logits, plain, seen, counts, step)
+        b = sample(logits, forced, seen, counts, step)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_penalties():
     rows = rows_for(1, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     seen = jnp.asarray([[True, False, False, True, False, False]])
