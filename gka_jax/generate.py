@@ -239,7 +239,7 @@ def generate(model: Model, prompts, sampling: SamplingParams | Sequence[Sampling
         step += 1
         next_tokens, cache, seen, counts = decode_and_sample(
             model.graphdef, model.params, next_tokens, cache, jnp.asarray(active), rows, seen, counts,
-            jnp.int32(step), num_iter=model._num_iter(num_iter), backend=model.backend)
+            jnp.int32(step), num_iter=model._num_iter(num_iter), backend=model.kernel_backend)
     if tokenizer is not None:
         for out, p in zip(outputs, params):
             if out.text is None:

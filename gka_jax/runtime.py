@@ -64,6 +64,19 @@ class Model:
         shardings = shd.param_shardings(self.params, mesh)
         return dataclasses.replace(self, params=jax.device_put(self.params, shardings), mesh=mesh)
 
+    @property
+    def kernel_backend(self) -> str | None:
+        """The GKA kernel backend the jitted functions get. The Pallas kernels are single-device custom
+        calls that XLA cannot partition, so a model sharded over several devices runs the XLA path unless a
+        backend was set explicitly (an explicit "pallas" with a multi-device mesh is refused)."""
+        sharded = self.mesh is not None and self.mesh.devices.size > 1
+        if sharded and self.backend in ("pallas", "pallas_interpret"):
+            raise ValueError(f"the {self.backend!r} GKA kernels run on one device; a model sharded over "
+                             f"{self.mesh.devices.size} devices needs backend='xla' (or None)")
+        if self.backend is None and sharded:
+            return "xla"
+        return self.backend
+
     def _num_iter(self, num_iter):
         n = self.num_iter if num_iter is None else num_iter
         n = self.config.gka.num_iter if n is None else n
@@ -98,7 +111,7 @@ class Model:
         if valid.shape != tokens.shape:
             raise ValueError(f"valid has shape {list(valid.shape)}, tokens {list(tokens.shape)}")
         return forward(self.graphdef, self.params, tokens.astype(jnp.int32), cache, valid,
-                       num_iter=self._num_iter(num_iter), fresh=fresh, backend=self.backend, last_only=last_only)
+                       num_iter=self._num_iter(num_iter), fresh=fresh, backend=self.kernel_backend, last_only=last_only)
 
     def prefill(self, tokens, cache: Cache | None = None, *, max_length: int | None = None, valid=None,
                 num_iter: int | None = None, last_only: bool = False):

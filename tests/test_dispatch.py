@@ -83,6 +83,21 @@ def test_model_forward_uses_pallas_on_gpu_and_xla_on_cpu(monkeypatch):
     assert "pallas_call" in traced(1)
 
 
+def test_sharded_model_uses_the_partitionable_path():
+    """Pallas kernels are single-device custom calls: a model on a multi-device mesh runs the XLA path, and
+    an explicit Pallas backend there is refused with a clear message."""
+    import dataclasses
+    cfg = dataclasses.replace(gka_jax.preset("GKA-primed-HQwen3-8B-Reasoner"), layer_types=(GKA,), vocab_size=256,
+                              hidden_size=256, intermediate_size=256)
+    model = gka_jax.random_model(cfg, jnp.float32, seed=0)
+    assert model.kernel_backend is None                     # one device: automatic choice per platform
+    mesh = gka_jax.sharding.make_mesh(tp=4, dp=2)
+    sharded = model.shard(mesh)
+    assert sharded.kernel_backend == "xla"
+    with pytest.raises(ValueError, match="run on one device"):
+        dataclasses.replace(sharded, backend="pallas").kernel_backend
+
+
 @pytest.fixture(scope="module")
 def tiny(golden):
     arrays, manifest = load_case("tiny_hybrid_qwen3")
