@@ -24,6 +24,7 @@ def test_selection_by_platform_and_shape():
     assert kernels.select_backend(platform="gpu") == "pallas"
     assert kernels.select_backend(platform="gpu", shapes_ok=False) == "xla"
     assert kernels.select_backend("xla", platform="gpu") == "xla"
+    assert kernels.select_backend("xla", platform="gpu", shapes_ok=False) == "xla"   # xla covers every shape
     assert kernels.available_backends("cpu") == ("xla", "pallas_interpret")
     with pytest.raises(ValueError, match="needs a GPU"):
         kernels.select_backend("pallas", platform="cpu")
