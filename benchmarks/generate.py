@@ -7,7 +7,8 @@ For each (num_iter, batch, context): a warm-up generate over one prefill group o
 prefill; generate prefills max_prefill_tokens at a time), then a timed one over the whole batch. Time to
 first token = all prefill groups + first sample (plus the small one-off jits for this batch shape: cache
 init/insert, first sample). Decode tokens/s = batch x (new - 2) / (last token time - second token time): the
-first decode step, which compiles the decode for this batch shape, is left out.
+first decode step, which compiles the decode for this batch shape, is left out. Prefill tokens/s =
+batch x context / time to first token.
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def main():
                 decode = batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
                 rows.append((num_iter, batch, context, ttft, decode))
                 print(f"  num_iter={num_iter} batch={batch} context={context}: TTFT {ttft:.3f}s, "
-                      f"decode {decode:,.1f} tok/s", flush=True)
+                      f"prefill {batch * context / ttft:,.0f} tok/s, decode {decode:,.1f} tok/s", flush=True)
     print()
-    print("| num_iter | batch | context | new tokens | time to first token s | decode tok/s (all rows) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| num_iter | batch | context | new tokens | time to first token s | prefill tok/s | decode tok/s (all rows) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n, b, c, ttft, dec in rows:
-        print(f"| {n} | {b} | {c} | {args.new} | {ttft:.3f} | {dec:,.1f} |")
+        print(f"| {n} | {b} | {c} | {args.new} | {ttft:.3f} | {b * c / ttft:,.0f} | {dec:,.1f} |")
 
 
 if __name__ == "__main__":
