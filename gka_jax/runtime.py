@@ -65,17 +65,17 @@ class Model:
         return dataclasses.replace(self, params=jax.device_put(self.params, shardings), mesh=mesh)
 
     @property
-    def kernel_backend(self) -> str | None:
-        """The GKA kernel backend the jitted functions get. The Pallas kernels are single-device custom
-        calls that XLA cannot partition, so a model sharded over several devices runs the XLA path unless a
-        backend was set explicitly (an explicit "pallas" with a multi-device mesh is refused)."""
-        sharded = self.mesh is not None and self.mesh.devices.size > 1
-        if sharded and self.backend in ("pallas", "pallas_interpret"):
-            raise ValueError(f"the {self.backend!r} GKA kernels run on one device; a model sharded over "
-                             f"{self.mesh.devices.size} devices needs backend='xla' (or None)")
-        if self.backend is None and sharded:
-            return "xla"
-        return self.backend
+    def kernel_backend(self):
+        """The GKA kernel backend the jitted functions get. On a multi-device mesh the Pallas kernels (which
+        XLA cannot partition: they are single-device custom calls) run once per shard under ``shard_map``
+        (``kernels.PerShard``); the XLA path is partitioned by XLA itself."""
+        from . import kernels
+
+        if self.mesh is None or self.mesh.devices.size == 1:
+            return self.backend
+        platform = self.mesh.devices.flat[0].platform
+        name = kernels.select_backend(self.backend, platform=platform)   # refuses impossible explicit choices
+        return name if name == "xla" else kernels.PerShard(self.backend, self.mesh)
 
     def _num_iter(self, num_iter):
         n = self.num_iter if num_iter is None else num_iter

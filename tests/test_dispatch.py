@@ -84,19 +84,28 @@ def test_model_forward_uses_pallas_on_gpu_and_xla_on_cpu(monkeypatch):
     assert "pallas_call" in traced(1)
 
 
-def test_sharded_model_uses_the_partitionable_path():
-    """Pallas kernels are single-device custom calls: a model on a multi-device mesh runs the XLA path, and
-    an explicit Pallas backend there is refused with a clear message."""
+def test_sharded_model_runs_the_kernels_per_shard():
+    """On a multi-device mesh the Pallas kernels run once per shard (shard_map: batch over dp, heads over
+    tp); the sharded model's prefill and decode equal the unsharded XLA path (interpret mode on CPU)."""
     import dataclasses
-    cfg = dataclasses.replace(gka_jax.preset("GKA-primed-HQwen3-8B-Reasoner"), layer_types=(GKA,), vocab_size=256,
-                              hidden_size=256, intermediate_size=256)
+    cfg = dataclasses.replace(gka_jax.preset("GKA-primed-HQwen3-8B-Reasoner"), layer_types=(GKA, "attention"),
+                              vocab_size=128, hidden_size=128, intermediate_size=128, num_heads=8, num_kv_heads=4,
+                              head_dim=16)
     model = gka_jax.random_model(cfg, jnp.float32, seed=0)
-    assert model.kernel_backend is None                     # one device: automatic choice per platform
-    mesh = gka_jax.sharding.make_mesh(tp=4, dp=2)
-    sharded = model.shard(mesh)
-    assert sharded.kernel_backend == "xla"
-    with pytest.raises(ValueError, match="run on one device"):
-        dataclasses.replace(sharded, backend="pallas").kernel_backend
+    assert model.kernel_backend is None                     # one device: the automatic choice per platform
+    sharded = model.shard(gka_jax.sharding.make_mesh(tp=4, dp=2))
+    assert sharded.kernel_backend == "xla"                  # CPU mesh: the XLA path, partitioned by XLA
+    per_shard = dataclasses.replace(sharded, backend="pallas_interpret")
+    assert isinstance(per_shard.kernel_backend, kernels.PerShard)
+    ids = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        want_logits, want_cache = model.prefill(ids, model.init_cache(2, 41))
+        want_step, _ = model.decode(ids[:, 0], want_cache)
+        got_logits, got_cache = per_shard.prefill(ids, per_shard.init_cache(2, 41))
+        got_step, _ = per_shard.decode(ids[:, 0], got_cache)
+    assert rel(got_logits, want_logits) < 1e-5
+    assert rel(got_step, want_step) < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,10 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import NamedTuple
 
 import jax
+from jax.sharding import Mesh, PartitionSpec
 
 from . import pallas_decode, pallas_prefill, reference
 from .reference import HIGHEST, GKAResult
@@ -76,19 +78,76 @@ def select_backend(backend: str | None = None, *, platform: str | None = None, s
     return "xla"
 
 
-def gka_prefill(q, k, v, beta, g, alpha, h_kk, h_kv, *, backend: str | None = None, **kwargs) -> GKAResult:
+class PerShard(NamedTuple):
+    """Run the kernels of ``backend`` (a name, or None for the automatic choice) once per device of ``mesh``
+    (``shard_map``): batch over ``dp``, heads over ``tp`` (query and kv heads together, so every shard keeps
+    whole GQA groups). The Pallas kernels are single-device custom calls that XLA cannot partition."""
+
+    backend: str | None
+    mesh: Mesh
+
+
+def _per_shard(kernel, mesh: Mesh, arrays: dict, head_axes: dict, num_heads: int, num_kv_heads: int):
+    """Call ``kernel(**arrays)`` per shard. ``head_axes[name]`` is the position of the heads axis (axis 0 is
+    batch for every array); a mesh axis that does not divide its dims is not used (those shards repeat the
+    work), so any shape runs on any mesh."""
+    batch = next(iter(arrays.values())).shape[0]
+    dp = "dp" if "dp" in mesh.shape and batch % mesh.shape["dp"] == 0 else None
+    tp_size = mesh.shape.get("tp", 1)
+    tp = "tp" if "tp" in mesh.shape and num_heads % tp_size == 0 and num_kv_heads % tp_size == 0 else None
+
+    def spec(name, ndim):
+        axes = [None] * ndim
+        axes[0] = dp
+        axes[head_axes[name]] = tp
+        return PartitionSpec(*axes)
+
+    names = [n for n, a in arrays.items() if a is not None]
+    in_specs = tuple(spec(n, arrays[n].ndim) for n in names)
+    out_specs = GKAResult(spec("q", arrays["q"].ndim), spec("q", arrays["q"].ndim),
+                          spec("h_kk", 4), spec("h_kv", 4))
+
+    def body(*values):
+        given = dict(zip(names, values))
+        return kernel(**{n: given.get(n) for n in arrays})
+
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        *(arrays[n] for n in names))
+
+
+def _dispatch(table, arrays, head_axes, backend, shapes_ok, kwargs):
+    mesh = None
+    if isinstance(backend, PerShard):
+        backend, mesh = backend.backend, backend.mesh
+    chosen = select_backend(backend, shapes_ok=shapes_ok)
+    kernel = functools.partial(table[chosen], **kwargs)
+    if mesh is None or chosen == "xla":
+        return kernel(**arrays)
+    return _per_shard(kernel, mesh, arrays, head_axes, arrays["q"].shape[head_axes["q"]],
+                      arrays["k"].shape[head_axes["k"]])
+
+
+_SEQ_HEADS = dict(q=2, k=2, v=2, beta=2, g=2, alpha=2, g_kk=2, h_kk=1, h_kv=1)
+_STEP_HEADS = dict(q=1, k=1, v=1, beta=1, g=1, alpha=1, g_kk=1, h_kk=1, h_kv=1)
+
+
+def gka_prefill(q, k, v, beta, g, alpha, h_kk, h_kv, *, backend: str | PerShard | None = None,
+                **kwargs) -> GKAResult:
     """Chunked GKA over a sequence; see ``reference.gka_prefill`` for the arguments and the math."""
     shapes_ok = pallas_prefill.supports(q, k, v, chunk_size=kwargs.get("chunk_size", 64))
-    chosen = select_backend(backend, shapes_ok=shapes_ok)
-    return _PREFILL[chosen](q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
+    g_kk = kwargs.pop("g_kk", None)
+    arrays = dict(q=q, k=k, v=v, beta=beta, g=g, alpha=alpha, h_kk=h_kk, h_kv=h_kv, g_kk=g_kk)
+    return _dispatch(_PREFILL, arrays, _SEQ_HEADS, backend, shapes_ok, kwargs)
 
 
-def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, backend: str | None = None, **kwargs) -> GKAResult:
+def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, backend: str | PerShard | None = None,
+               **kwargs) -> GKAResult:
     """One GKA token; see ``reference.gka_decode`` for the arguments and the math."""
     shapes_ok = pallas_prefill.supports(q[:, None], k[:, None], v[:, None])
-    chosen = select_backend(backend, shapes_ok=shapes_ok)
-    return _DECODE[chosen](q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
+    g_kk = kwargs.pop("g_kk", None)
+    arrays = dict(q=q, k=k, v=v, beta=beta, g=g, alpha=alpha, h_kk=h_kk, h_kv=h_kv, g_kk=g_kk)
+    return _dispatch(_DECODE, arrays, _STEP_HEADS, backend, shapes_ok, kwargs)
 
 
-__all__ = ["BACKENDS", "GKAResult", "HIGHEST", "available_backends", "gka_decode", "gka_prefill",
+__all__ = ["BACKENDS", "GKAResult", "HIGHEST", "PerShard", "available_backends", "gka_decode", "gka_prefill",
            "select_backend"]
