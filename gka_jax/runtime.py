@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import kernels
 from . import sharding as shd
 from .cache import Cache, cache_bytes, cache_shapes, init_cache
 from .config import ModelConfig
@@ -69,8 +70,6 @@ class Model:
         """The GKA kernel backend the jitted functions get. On a multi-device mesh the Pallas kernels (which
         XLA cannot partition: they are single-device custom calls) run once per shard under ``shard_map``
         (``kernels.PerShard``); the XLA path is partitioned by XLA itself."""
-        from . import kernels
-
         if self.mesh is None or self.mesh.devices.size == 1:
             return self.backend
         platform = self.mesh.devices.flat[0].platform
