@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import make_inputs, decode_states, rel, time_jax, to_jax  # noqa: E402
+from benchmarks.kernels import decode_states, make_inputs, rel, time_decode, time_jax, to_jax  # noqa: E402
 from gka_jax.kernels import pallas_chunk, pallas_decode, pallas_solve, reference  # noqa: E402
 
 DEFAULT = jax.lax.Precision.DEFAULT
@@ -111,21 +111,14 @@ def main():
             bytes_moved = b * H * 2 * D * D * 4 * 2
 
             def dec(num_warps):
-                step = jax.jit(lambda x, h_kk, h_kv: pallas_decode.gka_decode(
-                    x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv, num_iter=n_iter,
-                    ridge_strength=RIDGE, scale=D ** -0.5, num_warps=num_warps)[2:], donate_argnums=(1, 2))
-                state = [jnp.asarray(kk), jnp.asarray(kv)]
-                import time
-                for _ in range(3):
-                    state = list(step(xd, *state))
-                jax.block_until_ready(state)
-                times = []
-                for _ in range(20):
-                    start = time.perf_counter()
-                    state = list(step(xd, *state))
-                    jax.block_until_ready(state)
-                    times.append((time.perf_counter() - start) * 1e3)
-                ms = float(np.median(times))
+                def run(x, h_kk, h_kv):
+                    res = pallas_decode.gka_decode(
+                        x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv, num_iter=n_iter,
+                        ridge_strength=RIDGE, scale=D ** -0.5, num_warps=num_warps)
+                    return res.o, res.h_kk, res.h_kv
+
+                step = jax.jit(run, donate_argnums=(1, 2))
+                ms = time_decode(step, xd, jnp.asarray(kk), jnp.asarray(kv))
                 return {"ms": ms, "GB/s": bytes_moved / ms / 1e6}
 
             sweep(f"decode B={b}", dec, dict(num_warps=[2, 4, 8, 16]))
