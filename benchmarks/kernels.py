@@ -141,33 +141,44 @@ def prefill_fns(num_iter, precision, tuning=None):
 
 
 def pieces_pallas(x, num_iter, precision, tuning=None):
-    """The three Pallas kernels of the prefill separately (jitted each), for timing."""
+    """The Pallas kernels of the prefill separately (jitted each), for timing: the default path (kk-only state
+    pass, solve with the q mix, fused GLA) and the two-kernel GLA's pieces (both states, gla_output)."""
     zeros_kk = jnp.zeros((x["q"].shape[0], H, D, D), jnp.float32)
-    prec = pallas_prefill._kernel_precision(precision)
-    operands = pallas_prefill._solve_operands(precision)
-    tune = {} if INTERPRET else (tuning or pallas_prefill.GPU_TUNING)
+    operands = pallas_prefill._operand_dtype(precision)
+    common = dict(chunk_size=64, precision=pallas_prefill._kernel_precision(precision), interpret=INTERPRET)
+    tune = {} if INTERPRET else pallas_prefill._fit_blocks(tuning or pallas_prefill.GPU_TUNING, D, D)
+    two = {} if INTERPRET else pallas_prefill._fit_blocks(pallas_prefill.TWO_KERNEL_GLA, D, D)
+    gla_opts = {k: v for k, v in tune.get("gla", {}).items() if k != "fused"}
     state = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], None, x["beta"], x["g"], None, zeros_kk, None,
-                                                      chunk_size=64, precision=prec, interpret=INTERPRET,
-                                                      kk_only=True, starts_dtype=operands,
+                                                      kk_only=True, starts_dtype=operands, **common,
                                                       **tune.get("state_pass", {})))
     kk_starts, _ = state(x)
     solve = jax.jit(lambda x, s: pallas_solve.chebyshev_solve(x["q"], x["k"], x["beta"], x["g"], s,
-                                                              num_iter=num_iter, ridge_strength=RIDGE,
-                                                              chunk_size=64, precision=prec, operand_dtype=operands,
-                                                              interpret=INTERPRET, **tune.get("solve", {})))
-    gla = jax.jit(lambda x: pallas_chunk.gla_fused(x["q"], x["k"], x["v"], x["beta"], x["g"], zeros_kk, scale=SCALE,
-                                                   chunk_size=64, precision=prec, interpret=INTERPRET,
-                                                   **{k: v for k, v in tune.get("gla", {}).items() if k != "fused"}))
-    return dict(state_pass=(state, (x,)), solve=(solve, (x, kk_starts)), gla=(gla, (x,)))
+                                                              num_iter=num_iter, ridge_strength=RIDGE, alpha=x["alpha"],
+                                                              x_dtype=x["q"].dtype, mixed_dtype=operands,
+                                                              operand_dtype=operands, **common,
+                                                              **tune.get("solve", {})))
+    _, q_mixed = solve(x, kk_starts)
+    gla = jax.jit(lambda x, qm: pallas_chunk.gla_fused(qm, x["k"], x["v"], x["beta"], x["g"], zeros_kk,
+                                                       scale=SCALE, operand_dtype=operands, **common, **gla_opts))
+    both = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], x["v"], x["beta"], x["g"], None, zeros_kk, zeros_kk,
+                                                     starts_dtype=operands, **common, **two.get("state_pass", {})))
+    kv_starts = both(x)[1]
+    output = jax.jit(lambda x, qm, s: pallas_chunk.gla_output(
+        qm, x["k"], x["v"], x["beta"], x["g"], s, scale=SCALE, operand_dtype=operands, **common,
+        **{k: v for k, v in two.get("gla", {}).items() if k != "fused"}))
+    return {"state_pass": (state, (x,)), "solve": (solve, (x, kk_starts)), "gla": (gla, (x, q_mixed)),
+            "state_pass both": (both, (x,)), "gla_output": (output, (x, q_mixed, kv_starts))}
 
 
-# Tuning variants timed beside the defaults (pallas_prefill.GPU_TUNING) at the 8B shapes.
+# Tuning variants timed beside the defaults (pallas_prefill.GPU_TUNING) at the 8B shapes, num_iter 30.
 VARIANTS = {
     "two-kernel GLA": pallas_prefill.TWO_KERNEL_GLA,
-    "blocks 64": {"state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2},
-                  "gla": {"block_v": 64, "num_warps": 4, "num_stages": 2}},
     "gla blocks 16": {"gla": {"block_v": 16, "num_warps": 4, "num_stages": 2}},
-    "gla 8 warps": {"gla": {"block_v": 32, "num_warps": 8, "num_stages": 2}},
+    "gla blocks 64": {"gla": {"block_v": 64, "num_warps": 4, "num_stages": 2}},
+    "solve one accumulator": {"solve": {"num_warps": 4, "num_stages": 1, "one_accumulator": True}},
+    "solve compact, one accumulator": {"solve": {"num_warps": 4, "num_stages": 1, "one_accumulator": True,
+                                                 "compact": True}},
 }
 
 
@@ -196,7 +207,7 @@ def section_errors(args, ref):
             "pallas fp32 HIGHEST": jax.jit(prefill_fns(num_iter, HIGHEST), static_argnums=0)(PALLAS, x32, zeros, zeros),
             "pallas HIGH (TF32)": jax.jit(prefill_fns(num_iter, jax.lax.Precision.HIGH), static_argnums=0)(
                 PALLAS, x32, zeros, zeros),
-            "pallas DEFAULT (bf16 solve operands)": jax.jit(prefill_fns(num_iter, jax.lax.Precision.DEFAULT),
+            "pallas DEFAULT (bf16 solve and GLA operands)": jax.jit(prefill_fns(num_iter, jax.lax.Precision.DEFAULT),
                                                             static_argnums=0)(PALLAS, x32, zeros, zeros),
         }
         runs["pallas bf16 act, DEFAULT"] = jax.jit(prefill_fns(num_iter, jax.lax.Precision.DEFAULT),
@@ -208,8 +219,9 @@ def section_errors(args, ref):
                     runs[name] = reference.GKAResult(*(np.asarray(a.float().cpu()) for a in (o, xs, h_kk, h_kv)))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     record("errors", what=name, failed=repr(exc)[:300])
+        bf16_inputs = {"pallas bf16 act, DEFAULT", "reference training bf16", "reference vLLM bf16"}
         for name, res in runs.items():
-            want = want_bf if "bf16" in name else want32
+            want = want_bf if name in bf16_inputs else want32
             record("errors", what=f"prefill {name}", num_iter=num_iter, B=b, T=t,
                    o=rel(res.o, want.o), x=rel(res.x, want.x), h_kk=rel(res.h_kk, want.h_kk),
                    h_kv=rel(res.h_kv, want.h_kv))
@@ -228,7 +240,8 @@ def section_errors(args, ref):
 
         want = exact_decode(d32)
         for label, backend, options in (("xla", "xla", {}), (PALLAS, PALLAS, {}),
-                                        ("pallas split sym", PALLAS, {"split": True, "matvec": "sym"})):
+                                        ("pallas split dot_tf32", PALLAS, {"split": True, "matvec": "dot_tf32"}),
+                                        ("pallas split dot_bf16", PALLAS, {"split": True, "matvec": "dot_bf16"})):
             res = kernels.gka_decode(d32["q"], d32["k"], d32["v"], d32["beta"], d32["g"], d32["alpha"],
                                      jnp.asarray(kk), jnp.asarray(kv), num_iter=num_iter, ridge_strength=RIDGE,
                                      scale=SCALE, precision=HIGHEST, backend=backend, **options)
@@ -269,7 +282,7 @@ def section_prefill(args, ref):
             row = dict(T=t, num_iter=num_iter)
             for name, (fn, fargs) in pieces_pallas(xbf, num_iter, jax.lax.Precision.DEFAULT).items():
                 row[f"ours {name}"] = time_jax(fn, *fargs)
-            if not args.smoke:
+            if not args.smoke and num_iter == 30 and not args.no_variants:
                 for variant, tuning in VARIANTS.items():
                     merged = {**pallas_prefill.GPU_TUNING, **tuning}
                     fn = jax.jit(functools.partial(prefill_fns(num_iter, jax.lax.Precision.DEFAULT, merged), PALLAS))
@@ -345,11 +358,8 @@ def section_decode(args, ref, copy_gbps):
 # (label, backend, extra pallas_decode options); the first pallas row is the default.
 DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
-    ("fused sum w8", "pallas", {"split": False, "matvec": "sum", "num_warps": 8}),
-    ("fused sym w8", "pallas", {"split": False, "matvec": "sym", "num_warps": 8}),
-    ("split sym w4", "pallas", {"split": True, "matvec": "sym", "num_warps": 4}),
-    ("split sym w8", "pallas", {"split": True, "matvec": "sym", "num_warps": 8}),
-    ("split sum w4", "pallas", {"split": True, "matvec": "sum", "num_warps": 4}),
+    ("split dot_tf32 w4", "pallas", {"split": True, "matvec": "dot_tf32", "num_warps": 4}),
+    ("split dot_bf16 w4", "pallas", {"split": True, "matvec": "dot_bf16", "num_warps": 4}),
     ("xla", "xla", {}),
 ]
 
@@ -442,6 +452,7 @@ def main():
     parser.add_argument("--sections", default="errors,prefill,decode,layer")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--lengths", default="4096,16384", help="prefill lengths T")
+    parser.add_argument("--no-variants", action="store_true", help="skip the prefill tuning variants")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of this script: tiny shapes, Pallas in interpret mode, no reference")
     args = parser.parse_args()

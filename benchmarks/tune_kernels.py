@@ -62,8 +62,9 @@ def main():
     n_iter, t = args.num_iter, args.T
     x = to_jax(make_inputs(4, 1, t), jnp.bfloat16)
     zeros = jnp.zeros((1, H, D, D), jnp.float32)
+    bf16 = jnp.bfloat16  # the DEFAULT (bf16 model) path: bf16 starts, q' and output-dot operands
     kk_starts, kv_starts, _, _ = jax.jit(lambda x: pallas_chunk.state_pass(
-        x["k"], x["v"], x["beta"], x["g"], None, zeros, zeros, precision=DEFAULT))(x)
+        x["k"], x["v"], x["beta"], x["g"], None, zeros, zeros, precision=DEFAULT, starts_dtype=bf16))(x)
 
     # float64 x for the solve's error, at T = 1024
     small = to_jax(make_inputs(7, 1, 1024), jnp.bfloat16)
@@ -77,51 +78,62 @@ def main():
 
     kernels_wanted = args.kernels.split(",")
     if "solve" in kernels_wanted:
-        def solve(operand_dtype, precision, num_warps, num_stages):
+        def solve(operand_dtype, num_warps, one_accumulator, compact):
             def run(inputs, starts):
                 return pallas_solve.chebyshev_solve(
                     inputs["q"], inputs["k"], inputs["beta"], inputs["g"], starts, num_iter=n_iter, ridge_strength=RIDGE,
-                    precision=precision, operand_dtype=operand_dtype, num_warps=num_warps, num_stages=num_stages)
+                    precision=DEFAULT, operand_dtype=operand_dtype, num_warps=num_warps, num_stages=1,
+                    alpha=inputs["alpha"], x_dtype=bf16, mixed_dtype=operand_dtype,
+                    one_accumulator=one_accumulator, compact=compact)
             fn = jax.jit(run)
-            err = rel(fn(small, small_starts), want_x)
-            return {"ms": time_jax(fn, x, kk_starts), "x rel err": err}
+            err = rel(fn(small, small_starts.astype(operand_dtype))[0], want_x)
+            return {"ms": time_jax(fn, x, kk_starts.astype(operand_dtype)), "x rel err": err}
 
-        sweep("solve", solve, dict(operand_dtype=[jnp.float32, jnp.bfloat16], precision=[DEFAULT],
-                                   num_warps=[4, 8], num_stages=[1, 2]))
+        sweep("solve", solve, dict(operand_dtype=[bf16], num_warps=[4, 8], one_accumulator=[False, True],
+                                   compact=[False, True]))
     if "state_pass" in kernels_wanted:
         def state(block_v, block_k, num_warps, num_stages):
             fn = jax.jit(lambda x: pallas_chunk.state_pass(
                 x["k"], x["v"], x["beta"], x["g"], None, zeros, zeros, precision=DEFAULT, block_v=block_v,
-                block_k=block_k, num_warps=num_warps, num_stages=num_stages))
+                block_k=block_k, num_warps=num_warps, num_stages=num_stages, starts_dtype=bf16))
             return {"ms": time_jax(fn, x)}
 
-        sweep("state_pass", state, dict(block_v=[32, 64], block_k=[64, 128], num_warps=[4, 8], num_stages=[1, 2]))
+        sweep("state_pass (both, bf16 starts)", state, dict(block_v=[32, 64], block_k=[64, 128], num_warps=[4, 8],
+                                                           num_stages=[1, 2]))
     if "gla" in kernels_wanted:
         def gla(block_v, num_warps, num_stages):
             fn = jax.jit(lambda x, s: pallas_chunk.gla_output(
                 x["q"], x["k"], x["v"], x["beta"], x["g"], s, scale=D ** -0.5, precision=DEFAULT, block_v=block_v,
-                num_warps=num_warps, num_stages=num_stages))
+                num_warps=num_warps, num_stages=num_stages, operand_dtype=bf16))
             return {"ms": time_jax(fn, x, kv_starts)}
 
-        sweep("gla", gla, dict(block_v=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2]))
+        sweep("gla_output bf16", gla, dict(block_v=[32, 64, 128], num_warps=[4, 8], num_stages=[1, 2]))
+
+        def fused(block_v, num_warps, num_stages):
+            fn = jax.jit(lambda x: pallas_chunk.gla_fused(
+                x["q"], x["k"], x["v"], x["beta"], x["g"], zeros, scale=D ** -0.5, precision=DEFAULT,
+                block_v=block_v, num_warps=num_warps, num_stages=num_stages, operand_dtype=bf16))
+            return {"ms": time_jax(fn, x)}
+
+        sweep("gla_fused bf16", fused, dict(block_v=[16, 32, 64], num_warps=[4, 8], num_stages=[1, 2]))
     if "decode" in kernels_wanted:
         for b in (32, 128):
             xd = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)
             kk, kv = decode_states(6, b)
             bytes_moved = b * H * 2 * D * D * 4 * 2
 
-            def dec(num_warps):
+            def dec(matvec, num_warps):
                 def run(x, h_kk, h_kv):
                     res = pallas_decode.gka_decode(
                         x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv, num_iter=n_iter,
-                        ridge_strength=RIDGE, scale=D ** -0.5, num_warps=num_warps)
+                        ridge_strength=RIDGE, scale=D ** -0.5, num_warps=num_warps, matvec=matvec)
                     return res.o, res.h_kk, res.h_kv
 
                 step = jax.jit(run, donate_argnums=(1, 2))
                 ms = time_decode(step, xd, jnp.asarray(kk), jnp.asarray(kv))
                 return {"ms": ms, "GB/s": bytes_moved / ms / 1e6}
 
-            sweep(f"decode B={b}", dec, dict(num_warps=[2, 4, 8, 16]))
+            sweep(f"decode split B={b}", dec, dict(matvec=["sym", "dot_tf32", "dot_bf16"], num_warps=[4, 8]))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,34 @@ def test_kk_only_and_bf16_starts(separate_g_kk):
     assert rel(kk_bf16[1], full[2]) < 1e-6
 
 
+def test_bf16_output_operands():
+    """operand_dtype bf16 (DEFAULT models): the output dots take bf16 q', k, v, S (fp32 accumulation); the
+    fused kernel's state update keeps fp32 operands, so its final h_kv is unchanged. Against float64 with
+    bf16 q'/k/v inputs: o within bf16 rounding (<= 1e-2, observed ~3e-3), h_kv as in fp32 (<= 1e-4)."""
+    d, chunk, t = 32, 16, 37
+    inp = make_inputs(seed=13, b=2, t=t, h=4, hkv=2, d=d, with_state=True)
+    bf = {n: jnp.asarray(inp[n], jnp.bfloat16) for n in ("q", "k", "v")}
+    exact = {n: np.asarray(bf[n], np.float32) for n in bf}
+    scale = d ** -0.5
+
+    @jax.jit
+    def run(q, k, v, beta, g, h_kk, h_kv):
+        states = pallas_chunk.state_pass(k, v, beta, g, None, h_kk, h_kv, chunk_size=chunk, interpret=INTERPRET,
+                                         starts_dtype=jnp.bfloat16)
+        o = pallas_chunk.gla_output(q, k, v, beta, g, states[1], scale=scale, chunk_size=chunk,
+                                    interpret=INTERPRET, operand_dtype=jnp.bfloat16)
+        fused = pallas_chunk.gla_fused(q, k, v, beta, g, h_kv, scale=scale, chunk_size=chunk, interpret=INTERPRET,
+                                       operand_dtype=jnp.bfloat16)
+        return o, fused
+
+    o, (fused_o, fused_h_kv) = run(bf["q"], bf["k"], bf["v"], inp["beta"], inp["g"], inp["h_kk"], inp["h_kv"])
+    want = oracle.gka_core_fp64(exact["q"], exact["k"], exact["v"], inp["beta"], inp["g"], None, inp["h_kk"],
+                                inp["h_kv"], num_iter=0, ridge_strength=0.02, scale=scale)
+    assert o.dtype == fused_o.dtype == jnp.float32
+    assert rel(o, want["o"]) < 1e-2 and rel(fused_o, want["o"]) < 1e-2
+    assert rel(fused_h_kv, want["h_kv"]) < TOL_FP64
+
+
 def test_rejects_bad_blocks():
     inp = make_inputs(seed=0, b=1, t=16, h=2, hkv=2, d=32)
     args = (inp["k"], inp["v"], None, inp["g"], None, inp["h_kk"], inp["h_kv"])
@@ -140,8 +168,13 @@ def test_lowers_for_gpu(gates):
         o = pallas_chunk.gla_output(q, k, v, beta, g, starts, scale=0.1, chunk_size=c)
         fused = [pallas_chunk.gla_fused(q, k, v, beta, g, h_kv, scale=0.1, chunk_size=c, block_v=block_v)
                  for block_v in (32, 128)]
-        return states, kk_bf16, o, fused
+        bf16_operands = (  # DEFAULT models: bf16 q' and starts, bf16 output dots
+            pallas_chunk.gla_output(q.astype(bf16), k, v, beta, g, starts.astype(bf16), scale=0.1, chunk_size=c,
+                                    operand_dtype=bf16),
+            pallas_chunk.gla_fused(q.astype(bf16), k, v, beta, g, h_kv, scale=0.1, chunk_size=c, block_v=32,
+                                   operand_dtype=bf16))
+        return states, kk_bf16, o, fused, bf16_operands
 
     lowered = jax.jit(run).trace(jax.ShapeDtypeStruct((b, t, h, d), f32), k, k, gate, g, gate, state, state,
                                  starts).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 5
+    assert lowered.as_text().count("xla.gpu.triton") == 7

@@ -102,6 +102,38 @@ def test_bfloat16_operands_and_inputs():
     assert rel(got, run_oracle(exact, 30)) < 3e-2
 
 
+@pytest.mark.parametrize("with_alpha", [True, False])
+def test_query_mix_in_the_kernel(with_alpha):
+    """mixed_dtype: the kernel also returns q' = q + alpha (x - q) (alpha None: q' = x), computed in fp32
+    from the fp32 x and stored in mixed_dtype; x comes back in x_dtype."""
+    inp = make_inputs(seed=12, t=37, d=16)
+    alpha = jnp.asarray(np.random.default_rng(1).uniform(size=inp["g"].shape), jnp.float32) if with_alpha else None
+    want_x, starts = run_reference(inp, 10, 16)
+    x, mixed = run_kernel(inp, starts, 10, 16, alpha=alpha, mixed_dtype=jnp.float32)
+    assert x.dtype == mixed.dtype == jnp.float32
+    want_mixed = want_x if alpha is None else inp["q"] + alpha[..., None] * (want_x - inp["q"])
+    assert rel(x, want_x) < 1e-5 and rel(mixed, want_mixed) < 1e-5
+    x_bf, mixed_bf = run_kernel(inp, starts, 10, 16, alpha=alpha, x_dtype=jnp.bfloat16, mixed_dtype=jnp.bfloat16)
+    assert x_bf.dtype == mixed_bf.dtype == jnp.bfloat16
+    assert rel(x_bf, want_x) < 4e-3 and rel(mixed_bf, want_mixed) < 4e-3   # bf16 rounding of the outputs only
+
+
+@pytest.mark.parametrize("one_accumulator, compact", [(True, False), (False, True), (True, True)])
+def test_register_pressure_options(one_accumulator, compact):
+    """one_accumulator is the same math (fp32: <= 1e-5 vs the reference); compact holds q as stored and M in
+    the operand dtype (fp32 here: exact; with bf16 q/k and operands the bf16 tolerance of the test above)."""
+    inp = make_inputs(seed=14, t=37, d=16)
+    want, starts = run_reference(inp, 30, 16)
+    x, mixed = run_kernel(inp, starts, 30, 16, one_accumulator=one_accumulator, compact=compact,
+                          mixed_dtype=jnp.float32)
+    assert rel(x, want) < 1e-5 and rel(mixed, want) < 1e-5
+    bf = {**inp, "q": jnp.asarray(inp["q"], jnp.bfloat16), "k": jnp.asarray(inp["k"], jnp.bfloat16)}
+    want_bf, starts_bf = run_reference(bf, 30, 16)
+    got = run_kernel(bf, starts_bf, 30, 16, operand_dtype=jnp.bfloat16, one_accumulator=one_accumulator,
+                     compact=compact)
+    assert rel(got, want_bf) < 3e-2
+
+
 def test_rejects_bad_shapes():
     inp = make_inputs(seed=0, t=32)
     _, starts = run_reference(inp, 1, 16)

@@ -69,8 +69,11 @@ def _last(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(idx == x.shape[0] - 1, x, 0.0))
 
 
-def _dot(a, b, precision):
-    return jnp.dot(a, b, precision=precision, preferred_element_type=F32)
+def _dot(a, b, precision, operand_dtype=F32):
+    """a @ b with operands cast to ``operand_dtype`` (float32: TF32/IEEE by ``precision``; bfloat16) and
+    float32 accumulation."""
+    return jnp.dot(a.astype(operand_dtype), b.astype(operand_dtype), precision=precision,
+                   preferred_element_type=F32)
 
 
 # ----------------------------------------------------------------------------- state pass
@@ -127,6 +130,8 @@ def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HI
     bfloat16 to halve their write and read traffic), the finals float32 (accumulation is always float32).
     ``kk_only``: h_kk alone, returning (h_kk_starts, h_kk_final); v and h_kv0 are then ignored (may be None)
     and g only serves as the h_kk decay when g_kk is None (h_kv comes from ``gla_fused``).
+    The update dot takes float32 operands (TF32 or IEEE by ``precision``): the carried state keeps that
+    accuracy in every mode (bf16 operands, as fla's, measured 10x larger final-state errors on CPU).
 
     Grid ((D + Dv) / block_v, D / block_k, H, B) (kk_only: (D / block_v, ...)): each program owns a
     [block_k, block_v] block of the concatenated state [h_kk | h_kv] (the first D / block_v column blocks are
@@ -191,12 +196,12 @@ def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HI
 
 
 # ----------------------------------------------------------------------------- GLA output
-def _output_kernel(*refs, scale, has_beta, precision):
+def _output_kernel(*refs, scale, has_beta, precision, operand_dtype):
     refs = list(refs)
     q_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)   # [C, D], [C, D], [C, BV]
     beta_ref = refs.pop(0) if has_beta else None                  # [C]
     g_ref, s0_ref, o_ref = refs                                   # [C], [D, BV], [C, BV]
-    q = q_ref[...].astype(F32)
+    q = q_ref[...]
     gcum = jnp.cumsum(g_ref[...].astype(F32))                     # [C]
     idx = jnp.arange(gcum.shape[0])
     causal = idx[:, None] >= idx[None, :]
@@ -204,14 +209,14 @@ def _output_kernel(*refs, scale, has_beta, precision):
     if beta_ref is not None:
         beta = beta_ref[...].astype(F32)
         decay = decay * (beta * beta)[None, :]                    # beta of k_s and of v_s
-    scores = _dot(q, k_ref[...].astype(F32).T, precision) * decay                 # [C, C]
-    inter = _dot(q * jnp.exp(gcum)[:, None], s0_ref[...], precision)              # [C, BV]
-    intra = _dot(scores, v_ref[...].astype(F32), precision)
+    scores = _dot(q, k_ref[...].T, precision, operand_dtype) * decay              # [C, C]
+    inter = _dot(q, s0_ref[...], precision, operand_dtype) * jnp.exp(gcum)[:, None]   # [C, BV]
+    intra = _dot(scores, v_ref[...], precision, operand_dtype)
     o_ref[...] = scale * (inter + intra)
 
 
 def gla_output(q, k, v, beta, g, h_kv_starts, *, scale, chunk_size=64, precision=HIGHEST, interpret=False,
-               block_v=None, num_warps=None, num_stages=None):
+               block_v=None, num_warps=None, num_stages=None, operand_dtype=F32):
     """Chunked gated-linear-attention output (``reference.gla_chunked`` on expanded heads).
 
     q [B, T, H, D] (mixed queries q'); k [B, T, Hkv, D], v [B, T, Hkv, Dv] unexpanded; beta [B, T, H] or
@@ -219,7 +224,9 @@ def gla_output(q, k, v, beta, g, h_kv_starts, *, scale, chunk_size=64, precision
     Returns o [B, T, H, Dv] float32.
 
     Grid (Dv / block_v, N, H, B), one program per [chunk, block_v] output tile:
-    o = scale * ((Q * exp(G)) @ S0 + ((Q @ K^T) * M * beta_s^2) @ V), M[t, s] = exp(G_t - G_s) for s <= t.
+    o = scale * (exp(G) * (Q @ S0) + ((Q @ K^T) * M * beta_s^2) @ V), M[t, s] = exp(G_t - G_s) for s <= t.
+    ``operand_dtype``: the dots' operands, float32 (TF32 or IEEE by ``precision``) or bfloat16 (as fla's
+    chunk_simple_gla); accumulation float32.
     Tunables (untuned starting points): block_v (default Dv), num_warps (default 8 for 128-wide tiles, else
     4), num_stages (no loop here: little effect).
     """
@@ -245,7 +252,8 @@ def gla_output(q, k, v, beta, g, h_kv_starts, *, scale, chunk_size=64, precision
     inputs += [_pad_time(g, tp), h_kv_starts]
     in_specs += [pl.BlockSpec((None, c, None), lambda j, n, h, bi: (bi, n, h)),
                  pl.BlockSpec((None, None, None, d, block_v), lambda j, n, h, bi: (bi, h, n, 0, j))]
-    kernel = functools.partial(_output_kernel, scale=scale, has_beta=beta is not None, precision=precision)
+    kernel = functools.partial(_output_kernel, scale=scale, has_beta=beta is not None, precision=precision,
+                               operand_dtype=jnp.dtype(operand_dtype))
     o = pl.pallas_call(
         kernel, grid=(dv // block_v, num_chunks, num_heads, b), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, c, None, block_v), lambda j, n, h, bi: (bi, n, h, j)),
@@ -257,7 +265,7 @@ def gla_output(q, k, v, beta, g, h_kv_starts, *, scale, chunk_size=64, precision
 
 
 # ----------------------------------------------------------------------------- fused h_kv pass + GLA output
-def _fused_kernel(*refs, chunk, num_chunks, scale, has_beta, precision):
+def _fused_kernel(*refs, chunk, num_chunks, scale, has_beta, precision, operand_dtype):
     refs = list(refs)
     q_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)   # [Tp, D], [Tp, D], [Tp, BV]
     beta_ref = refs.pop(0) if has_beta else None                  # [Tp]
@@ -267,9 +275,9 @@ def _fused_kernel(*refs, chunk, num_chunks, scale, has_beta, precision):
 
     def body(n, state):                                           # state [D, BV] f32: h_kv at chunk n's start
         rows = pl.ds(n * chunk, chunk)
-        q = q_ref[rows, :].astype(F32)                            # [C, D]
-        k = k_ref[rows, :].astype(F32)                            # [C, D]
-        v = v_ref[rows, :].astype(F32)                            # [C, BV]
+        q = q_ref[rows, :]                                        # [C, D]
+        k = k_ref[rows, :]                                        # [C, D]
+        v = v_ref[rows, :]                                        # [C, BV]
         gcum = jnp.cumsum(g_ref[rows].astype(F32))                # [C]
         g_last = _last(gcum)
         decay = jnp.exp(jnp.where(causal, gcum[:, None] - gcum[None, :], -jnp.inf))   # [C, C]
@@ -278,16 +286,17 @@ def _fused_kernel(*refs, chunk, num_chunks, scale, has_beta, precision):
             beta = beta_ref[rows].astype(F32)
             decay = decay * (beta * beta)[None, :]                # beta of k_s and of v_s
             weight = weight * beta * beta
-        scores = _dot(q, k.T, precision) * decay                  # [C, C]
-        inter = _dot(q * jnp.exp(gcum)[:, None], state, precision)                 # [C, BV]
-        o_ref[rows, :] = scale * (inter + _dot(scores, v, precision))
-        return jnp.exp(g_last) * state + _dot((k * weight[:, None]).T, v, precision)
+        scores = _dot(q, k.T, precision, operand_dtype) * decay   # [C, C]
+        inter = _dot(q, state, precision, operand_dtype) * jnp.exp(gcum)[:, None]   # [C, BV]
+        o_ref[rows, :] = scale * (inter + _dot(scores, v, precision, operand_dtype))
+        decayed_keys = k.astype(F32) * weight[:, None]            # [C, D]
+        return jnp.exp(g_last) * state + _dot(decayed_keys.T, v, precision)   # fp32 operands: exact state
 
     h_kv_final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, h_kv0_ref[...].astype(F32))
 
 
 def gla_fused(q, k, v, beta, g, h_kv0, *, scale, chunk_size=64, precision=HIGHEST, interpret=False,
-              block_v=None, num_warps=None, num_stages=None):
+              block_v=None, num_warps=None, num_stages=None, operand_dtype=F32):
     """GLA output and final h_kv in one pass: ``gla_output(q, k, v, beta, g, state_pass(...)[1])`` and
     ``state_pass(...)[3]`` without materialising the h_kv chunk starts.
 
@@ -298,8 +307,10 @@ def gla_fused(q, k, v, beta, g, h_kv0, *, scale, chunk_size=64, precision=HIGHES
     Grid (Dv / block_v, H, B): each program carries S = its [D, block_v] block of h_kv (fp32, registers)
     through the chunks in order; per chunk (Q, K, V with beta, G the in-chunk cumulative decay, M the
     causal decay mask, M[t, s] = exp(G_t - G_s) for s <= t):
-        o = scale * ((Q * exp(G)) @ S + ((Q @ K^T) * M) @ V),
+        o = scale * (exp(G) * (Q @ S) + ((Q @ K^T) * M) @ V),
         then S = exp(G_last) S + (K * exp(G_last - G))^T @ V.
+    ``operand_dtype`` as in ``gla_output`` for the two output dots (a bf16 copy of S feeds Q @ S); the state
+    update keeps float32 operands (TF32 or IEEE), so S and the final h_kv keep that accuracy in every mode.
     Each program recomputes Q @ K^T (Dv / block_v times per chunk in all). Tunables (untuned starting
     points): block_v (default min(64, Dv); smaller gives more programs at small B * H), num_warps (default
     4), num_stages (default 2; software pipelining of the chunk loop's loads).
@@ -325,7 +336,7 @@ def gla_fused(q, k, v, beta, g, h_kv0, *, scale, chunk_size=64, precision=HIGHES
     state_spec = pl.BlockSpec((None, None, d, block_v), lambda j, h, bi: (bi, h, 0, j))
     in_specs += [seq_spec, state_spec]
     kernel = functools.partial(_fused_kernel, chunk=chunk_size, num_chunks=num_chunks, scale=scale,
-                               has_beta=beta is not None, precision=precision)
+                               has_beta=beta is not None, precision=precision, operand_dtype=jnp.dtype(operand_dtype))
     o, h_kv_final = pl.pallas_call(
         kernel, grid=(dv // block_v, num_heads, b), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, tp, None, block_v), lambda j, h, bi: (bi, 0, h, j)), state_spec],

@@ -9,13 +9,14 @@
 Same signature and result as ``reference.gka_prefill``. GQA keys/values stay at their Hkv heads in memory:
 each kernel reads kv head h // group for query head h and applies beta itself.
 
-Matmul precision inside the kernels follows ``precision`` (elementwise math, accumulation and states are
-fp32 in every mode):
+Matmul precision inside the kernels follows ``precision`` (elementwise math, Frobenius norms, Chebyshev
+coefficients, accumulation and final states are fp32 in every mode):
   HIGHEST  IEEE fp32 dots (FMA units; slow): float32 models and tests;
-  HIGH     TF32 tensor-core dots everywhere;
-  DEFAULT  (bf16 models) the Chebyshev solve's dots take bf16 operands (as the PyTorch reference's kernels
-           do), the state pass and GLA output TF32. Measured on an H200 (docs/kernels.md): still more exact
-           than the reference, whose chunk states are also rounded to bf16.
+  HIGH     TF32 tensor-core dots everywhere, fp32 chunk starts and q';
+  DEFAULT  (bf16 models) the solve's and the GLA output's dots take bf16 operands with fp32 accumulation,
+           and the chunk starts and q' passed between kernels are stored in bf16, as the PyTorch reference
+           (its kernels, fla's chunk_simple_gla) does: half the traffic, twice the tensor-core rate of TF32.
+           The state updates keep fp32 operands (TF32), so the final h_kk / h_kv stay TF32-accurate.
 
 Gradients: the backward pass is the VJP of the pure-JAX reference (``reference.gka_prefill``) at the same
 inputs: it recomputes the forward through XLA, so gradients equal autodiff of the reference path exactly.
@@ -55,12 +56,13 @@ TWO_KERNEL_GLA = {"state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, 
 
 
 def _kernel_precision(precision):
-    """Dot algorithm for the state pass / GLA kernels."""
+    """Dot algorithm of the kernels' float32 dots: IEEE for HIGHEST, TF32 otherwise."""
     return HIGHEST if precision == HIGHEST else jax.lax.Precision.DEFAULT
 
 
-def _solve_operands(precision):
-    """Operand dtype of the solve's dots: bf16 for the fast default, fp32 (TF32 or IEEE) otherwise."""
+def _operand_dtype(precision):
+    """Operand dtype of every kernel dot, and of the chunk starts and q' passed between kernels: bf16 for
+    the fast default (the reference's policy), fp32 (TF32 or IEEE dots) for HIGH / HIGHEST."""
     return jnp.bfloat16 if precision in (None, jax.lax.Precision.DEFAULT) else jnp.float32
 
 
@@ -69,34 +71,32 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
     tuning = {name: dict(opts) for name, opts in tuning or ()} or ({} if interpret else GPU_TUNING)
     tuning = _fit_blocks(tuning, q.shape[-1], v.shape[-1])
     kernel_precision = _kernel_precision(precision)
+    operands = _operand_dtype(precision)
+    common = dict(chunk_size=chunk_size, precision=kernel_precision, interpret=interpret)
     gla_opts = dict(tuning.get("gla", {}))
     fused = gla_opts.pop("fused", True)
-    starts_dtype = _solve_operands(precision)  # bf16 when the solve casts H0 to bf16 anyway
     if fused:   # h_kk starts only; h_kv stays in the registers of gla_fused
         kk_starts, h_kk_final = pallas_chunk.state_pass(
-            k, None, beta, g, g_kk, upcast(h_kk), None, chunk_size=chunk_size, precision=kernel_precision,
-            interpret=interpret, kk_only=True, starts_dtype=starts_dtype, **tuning.get("state_pass", {}))
-    else:       # one pass for both states' starts (fp32), then gla_output reads the h_kv starts
+            k, None, beta, g, g_kk, upcast(h_kk), None, kk_only=True, starts_dtype=operands, **common,
+            **tuning.get("state_pass", {}))
+    else:       # one pass for both states' starts, then gla_output reads the h_kv starts
         kk_starts, kv_starts, h_kk_final, h_kv_final = pallas_chunk.state_pass(
-            k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), chunk_size=chunk_size, precision=kernel_precision,
-            interpret=interpret, **tuning.get("state_pass", {}))
-    q32 = upcast(q)
-    if num_iter > 0:
-        x = pallas_solve.chebyshev_solve(
+            k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), starts_dtype=operands, **common,
+            **tuning.get("state_pass", {}))
+    if num_iter > 0:   # x and q' = q + alpha (x - q) from the solve kernel
+        x, q_mixed = pallas_solve.chebyshev_solve(
             q, k, beta, g if g_kk is None else g_kk, kk_starts, num_iter=num_iter, ridge_strength=ridge_strength,
-            chunk_size=chunk_size, precision=kernel_precision, operand_dtype=_solve_operands(precision),
-            interpret=interpret, **tuning.get("solve", {}))
-        q_mixed = x if alpha is None else q32 + upcast(alpha)[..., None] * (x - q32)
-    else:
-        x = q32
-        q_mixed = q32
+            alpha=alpha, x_dtype=q.dtype, mixed_dtype=operands, operand_dtype=operands, **common,
+            **tuning.get("solve", {}))
+    else:              # x = q, so q' = q
+        x = q
+        q_mixed = q.astype(operands)
     if fused:   # walks the chunks: writes o from the chunk-start h_kv, then updates h_kv
         o, h_kv_final = pallas_chunk.gla_fused(q_mixed, k, v, beta, g, upcast(h_kv), scale=scale,
-                                               chunk_size=chunk_size, precision=kernel_precision,
-                                               interpret=interpret, **gla_opts)
+                                               operand_dtype=operands, **common, **gla_opts)
     else:
-        o = pallas_chunk.gla_output(q_mixed, k, v, beta, g, kv_starts, scale=scale, chunk_size=chunk_size,
-                                    precision=kernel_precision, interpret=interpret, **gla_opts)
+        o = pallas_chunk.gla_output(q_mixed, k, v, beta, g, kv_starts, scale=scale, operand_dtype=operands,
+                                    **common, **gla_opts)
     return GKAResult(o.astype(q.dtype), x.astype(q.dtype), h_kk_final, h_kv_final)
 
 

@@ -41,9 +41,11 @@ except ImportError:  # pragma: no cover - depends on the installed jax
     AVAILABLE = False
 
 
-def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, x_ref, *, num_iter, ridge_strength, precision,
-                  operand_dtype):
-    """One (chunk, head, batch): q, k, x [C, D]; beta (or None), g [C]; h0 [D, D]."""
+def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, alpha_ref, x_ref, mixed_ref=None, *, num_iter,
+                  ridge_strength, precision, operand_dtype, one_accumulator, compact):
+    """One (chunk, head, batch): q, k, x [C, D]; beta (or None), g [C]; h0 [D, D]; with ``mixed_ref`` [C, D]
+    also q' = q + alpha (x - q) (alpha [C], or None: q' = x). ``one_accumulator`` and ``compact``: see
+    ``chebyshev_solve``."""
     f32 = jnp.float32
 
     def dot(a, b):  # operands in operand_dtype, fp32 accumulation
@@ -74,12 +76,22 @@ def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, x_ref, *, num_iter, rid
     fro = jnp.sqrt(jnp.maximum(fro_sq, 0.0))                           # [C]
 
     decay = start_decay[:, None]                                       # [C, 1]
+    held_mask = mask.astype(operand_dtype) if compact else mask       # [C, C]
+    held_q = q_ref[...] if compact else q                              # [C, D], as stored (bf16 in models)
 
     def apply_h(x):  # rows of H_t x_t
-        scores = dot(x, k_op.T) * mask                                 # [C, C]
+        scores = dot(x, k_op.T) * held_mask                            # [C, C]
+        if one_accumulator:   # (e^G X) H0 + S K: the second dot can accumulate onto the first
+            return dot(decay * x, h0_op) + dot(scores, k_op)
         return decay * dot(x, h0_op) + dot(scores, k_op)
 
-    x_ref[...] = _chebyshev(apply_h, q, fro, num_iter=num_iter, ridge_strength=ridge_strength)
+    x = _chebyshev(apply_h, held_q, fro, num_iter=num_iter, ridge_strength=ridge_strength)   # [C, D] f32
+    x_ref[...] = x.astype(x_ref.dtype)
+    if mixed_ref is not None:
+        if compact:   # q was not kept in fp32 across the loop
+            q = q_ref[...].astype(f32)
+        mixed = x if alpha_ref is None else q + alpha_ref[...].astype(f32)[:, None] * (x - q)
+        mixed_ref[...] = mixed.astype(mixed_ref.dtype)
 
 
 def _default_num_warps(chunk_size: int, head_dim: int) -> int:
@@ -89,9 +101,10 @@ def _default_num_warps(chunk_size: int, head_dim: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "num_iter", "ridge_strength", "chunk_size", "precision", "operand_dtype", "interpret", "num_warps",
-    "num_stages"))
+    "num_stages", "x_dtype", "mixed_dtype", "one_accumulator", "compact"))
 def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, chunk_size=64, precision=HIGHEST,
-                    operand_dtype=jnp.float32, interpret=False, num_warps=None, num_stages=None):
+                    operand_dtype=jnp.float32, interpret=False, num_warps=None, num_stages=None, alpha=None,
+                    x_dtype=jnp.float32, mixed_dtype=None, one_accumulator=False, compact=False):
     """Chebyshev solutions x_t of (H_t + ridge ||H_t||_F I) x = q_t, one Pallas-Triton program per chunk.
 
     Semantics of ``reference.chebyshev_chunked(q, expand_heads(k, .., beta, H)[0], g_kk, h_kk_starts, ...)``
@@ -99,7 +112,10 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     q [B, T, H, D] unit-norm queries (any float dtype); k [B, T, Hkv, D] unit-norm keys, not expanded (query
     head h reads kv head h // (H // Hkv)); beta [B, T, H] key multiplier or None; g_kk [B, T, H] log-decay
     of h_kk; h_kk_starts [B, H, N, D, D] the state at the start of each chunk (``chunk_state_pass``,
-    N = ceil(T / chunk_size)). Returns x [B, T, H, D] float32.
+    N = ceil(T / chunk_size)). Returns x [B, T, H, D] in ``x_dtype`` (float32 by default).
+    With ``mixed_dtype`` set it returns (x, q') with the GKA query mix q' = q + alpha (x - q) (alpha
+    [B, T, H], or None for q' = x) computed in fp32 in the kernel and stored in ``mixed_dtype``, which saves
+    the GLA a separate elementwise pass over x.
 
     Matmul numerics: every dot casts its operands to ``operand_dtype`` (float32, or bfloat16 as in the
     PyTorch kernels) and accumulates in fp32; ``precision`` picks the fp32 dot algorithm in the Triton
@@ -107,7 +123,11 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     values pass through, but TF32_TF32_F32_X3 needs 320 KiB of shared memory at C = 64, D = 128, more than an
     SM has). Elementwise math is fp32 throughout.
     Tunables: ``num_warps`` (default 8 for C * D >= 64 * 128, else 4) and ``num_stages`` (default 1: the
-    iteration loop loads nothing, so there is nothing to pipeline).
+    iteration loop loads nothing, so there is nothing to pipeline). Register-pressure options (the loop
+    state X, X_prev, q, M and two dot accumulators exceed 255 registers per thread at 4 warps):
+    ``one_accumulator`` computes e^G (X H0) as (e^G X) H0 so the two products of H_t X share one
+    accumulator; ``compact`` holds q as stored (bf16 in models: exact) and M in ``operand_dtype`` (with bf16
+    operands M is rounded to bf16 before it scales X K^T, whose product is rounded to bf16 anyway).
     chunk_size and D must be powers of 2 and >= 16 (Triton block and dot rules); T is zero-padded to a
     multiple of chunk_size (padded keys come after every real token, so they change nothing).
     """
@@ -130,7 +150,7 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     if padded_len != seq_len:
         def pad(a):
             return None if a is None else jnp.pad(a, [(0, 0), (0, padded_len - seq_len)] + [(0, 0)] * (a.ndim - 2))
-        q, k, beta, g_kk = pad(q), pad(k), pad(beta), pad(g_kk)
+        q, k, beta, g_kk, alpha = pad(q), pad(k), pad(beta), pad(g_kk), pad(alpha)
 
     rows_block = pl.BlockSpec((None, chunk_size, None, d), lambda n, h, b: (b, n, h, 0))          # [C, D]
     kv_block = pl.BlockSpec((None, chunk_size, None, d), lambda n, h, b: (b, n, h // group, 0))   # [C, D]
@@ -138,18 +158,22 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     state_block = pl.BlockSpec((None, None, None, d, d), lambda n, h, b: (b, h, n, 0, 0))          # [D, D]
 
     kernel = functools.partial(_solve_kernel, num_iter=num_iter, ridge_strength=ridge_strength,
-                               precision=precision, operand_dtype=jnp.dtype(operand_dtype))
+                               precision=precision, operand_dtype=jnp.dtype(operand_dtype),
+                               one_accumulator=one_accumulator, compact=compact)
     params = pltriton.CompilerParams(
         num_warps=_default_num_warps(chunk_size, d) if num_warps is None else num_warps,
         num_stages=1 if num_stages is None else num_stages)
-    x = pl.pallas_call(
+    out_dtypes = [x_dtype] if mixed_dtype is None else [x_dtype, mixed_dtype]
+    outs = pl.pallas_call(
         kernel,
         grid=(num_chunks, num_heads, batch),
-        in_specs=[rows_block, kv_block, None if beta is None else gate_block, gate_block, state_block],
-        out_specs=rows_block,
-        out_shape=jax.ShapeDtypeStruct((batch, padded_len, num_heads, d), jnp.float32),
+        in_specs=[rows_block, kv_block, None if beta is None else gate_block, gate_block, state_block,
+                  None if alpha is None or mixed_dtype is None else gate_block],
+        out_specs=[rows_block] * len(out_dtypes),
+        out_shape=[jax.ShapeDtypeStruct((batch, padded_len, num_heads, d), dt) for dt in out_dtypes],
         compiler_params=params,
         interpret=interpret,
         name="gka_chebyshev_solve",
-    )(q, k, beta, g_kk, h_kk_starts)
-    return x[:, :seq_len]
+    )(q, k, beta, g_kk, h_kk_starts, None if mixed_dtype is None else alpha)
+    outs = [o[:, :seq_len] for o in outs]
+    return outs[0] if mixed_dtype is None else tuple(outs)

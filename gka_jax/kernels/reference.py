@@ -202,7 +202,7 @@ def _chebyshev(apply_h, q, fro, *, num_iter, ridge_strength):
 
     x0 = step * q
     omega0 = jnp.full_like(step, 2.0)
-    x, _, _ = jax.lax.fori_loop(0, num_iter, body, (x0, jnp.zeros_like(q), omega0))
+    x, _, _ = jax.lax.fori_loop(0, num_iter, body, (x0, jnp.zeros_like(x0), omega0))
     return x
 
 
