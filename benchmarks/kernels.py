@@ -141,44 +141,51 @@ def prefill_fns(num_iter, precision, tuning=None):
 
 
 def pieces_pallas(x, num_iter, precision, tuning=None):
-    """The Pallas kernels of the prefill separately (jitted each), for timing: the default path (kk-only state
-    pass, solve with the q mix, fused GLA) and the two-kernel GLA's pieces (both states, gla_output)."""
+    """The Pallas kernels of the prefill separately (jitted each), for timing: the default path (segmented
+    state pass for both states, solve with the q mix, gla_output) and the fused path's two kernels."""
     zeros_kk = jnp.zeros((x["q"].shape[0], H, D, D), jnp.float32)
     operands = pallas_prefill._operand_dtype(precision)
     common = dict(chunk_size=64, precision=pallas_prefill._kernel_precision(precision), interpret=INTERPRET)
     tune = {} if INTERPRET else pallas_prefill._fit_blocks(tuning or pallas_prefill.GPU_TUNING, D, D)
-    two = {} if INTERPRET else pallas_prefill._fit_blocks(pallas_prefill.TWO_KERNEL_GLA, D, D)
-    gla_opts = {k: v for k, v in tune.get("gla", {}).items() if k != "fused"}
-    state = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], None, x["beta"], x["g"], None, zeros_kk, None,
-                                                      kk_only=True, starts_dtype=operands, **common,
-                                                      **tune.get("state_pass", {})))
-    kk_starts, _ = state(x)
-    solve = jax.jit(lambda x, s: pallas_solve.chebyshev_solve(x["q"], x["k"], x["beta"], x["g"], s,
-                                                              num_iter=num_iter, ridge_strength=RIDGE, alpha=x["alpha"],
-                                                              x_dtype=x["q"].dtype, mixed_dtype=operands,
-                                                              operand_dtype=operands, **common,
-                                                              **tune.get("solve", {})))
+    fused = {} if INTERPRET else pallas_prefill._fit_blocks(pallas_prefill.FUSED_GLA, D, D)
+
+    def opts(table, name):
+        return {k: v for k, v in table.get(name, {}).items() if k != "fused"}
+
+    state = jax.jit(lambda x: pallas_chunk.state_pass_segmented(
+        x["k"], x["v"], x["beta"], x["g"], None, zeros_kk, zeros_kk, starts_dtype=operands, **common,
+        **opts(tune, "state_pass")))
+    (kk_starts, kv_starts), _ = state(x)
+    solve = jax.jit(lambda x, s: pallas_solve.chebyshev_solve(
+        x["q"], x["k"], x["beta"], x["g"], s, num_iter=num_iter, ridge_strength=RIDGE, alpha=x["alpha"],
+        x_dtype=x["q"].dtype, mixed_dtype=operands, operand_dtype=operands, **common, **opts(tune, "solve")))
     _, q_mixed = solve(x, kk_starts)
-    gla = jax.jit(lambda x, qm: pallas_chunk.gla_fused(qm, x["k"], x["v"], x["beta"], x["g"], zeros_kk,
-                                                       scale=SCALE, operand_dtype=operands, **common, **gla_opts))
-    both = jax.jit(lambda x: pallas_chunk.state_pass(x["k"], x["v"], x["beta"], x["g"], None, zeros_kk, zeros_kk,
-                                                     starts_dtype=operands, **common, **two.get("state_pass", {})))
-    kv_starts = both(x)[1]
     output = jax.jit(lambda x, qm, s: pallas_chunk.gla_output(
-        qm, x["k"], x["v"], x["beta"], x["g"], s, scale=SCALE, operand_dtype=operands, **common,
-        **{k: v for k, v in two.get("gla", {}).items() if k != "fused"}))
-    return {"state_pass": (state, (x,)), "solve": (solve, (x, kk_starts)), "gla": (gla, (x, q_mixed)),
-            "state_pass both": (both, (x,)), "gla_output": (output, (x, q_mixed, kv_starts))}
+        qm, x["k"], x["v"], x["beta"], x["g"], s, scale=SCALE, operand_dtype=operands, out_dtype=x["q"].dtype,
+        **common, **opts(tune, "gla")))
+    kk_pass = jax.jit(lambda x: pallas_chunk.state_pass_segmented(
+        x["k"], None, x["beta"], x["g"], None, zeros_kk, None, kk_only=True, starts_dtype=operands, **common,
+        **opts(fused, "state_pass")))
+    gla = jax.jit(lambda x, qm: pallas_chunk.gla_fused(
+        qm, x["k"], x["v"], x["beta"], x["g"], zeros_kk, scale=SCALE, operand_dtype=operands,
+        out_dtype=x["q"].dtype, **common, **opts(fused, "gla")))
+    return {"state_pass": (state, (x,)), "solve": (solve, (x, kk_starts)),
+            "gla_output": (output, (x, q_mixed, kv_starts)), "fused path: kk state pass": (kk_pass, (x,)),
+            "fused path: gla_fused": (gla, (x, q_mixed))}
+
+
+def _state(**changes):
+    return {"state_pass": {**pallas_prefill.GPU_TUNING["state_pass"], **changes}}
 
 
 # Tuning variants timed beside the defaults (pallas_prefill.GPU_TUNING) at the 8B shapes, num_iter 30.
 VARIANTS = {
-    "two-kernel GLA": pallas_prefill.TWO_KERNEL_GLA,
-    "gla blocks 16": {"gla": {"block_v": 16, "num_warps": 4, "num_stages": 2}},
-    "gla blocks 64": {"gla": {"block_v": 64, "num_warps": 4, "num_stages": 2}},
-    "solve one accumulator": {"solve": {"num_warps": 4, "num_stages": 1, "one_accumulator": True}},
-    "solve compact, one accumulator": {"solve": {"num_warps": 4, "num_stages": 1, "one_accumulator": True,
-                                                 "compact": True}},
+    "fused GLA": pallas_prefill.FUSED_GLA,
+    "unsegmented": _state(segment_chunks=None),
+    "segments of 16": _state(segment_chunks=16),
+    "segments of 64": _state(segment_chunks=64),
+    "state block_v 32": _state(block_v=32),
+    "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
 }
 
 
@@ -239,9 +246,7 @@ def section_errors(args, ref):
                 return jax.tree.map(np.asarray, res)
 
         want = exact_decode(d32)
-        for label, backend, options in (("xla", "xla", {}), (PALLAS, PALLAS, {}),
-                                        ("pallas split dot_tf32", PALLAS, {"split": True, "matvec": "dot_tf32"}),
-                                        ("pallas split dot_bf16", PALLAS, {"split": True, "matvec": "dot_bf16"})):
+        for label, backend, options in (("xla", "xla", {}), (PALLAS, PALLAS, {})):
             res = kernels.gka_decode(d32["q"], d32["k"], d32["v"], d32["beta"], d32["g"], d32["alpha"],
                                      jnp.asarray(kk), jnp.asarray(kv), num_iter=num_iter, ridge_strength=RIDGE,
                                      scale=SCALE, precision=HIGHEST, backend=backend, **options)
@@ -358,8 +363,7 @@ def section_decode(args, ref, copy_gbps):
 # (label, backend, extra pallas_decode options); the first pallas row is the default.
 DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
-    ("split dot_tf32 w4", "pallas", {"split": True, "matvec": "dot_tf32", "num_warps": 4}),
-    ("split dot_bf16 w4", "pallas", {"split": True, "matvec": "dot_bf16", "num_warps": 4}),
+    ("fused sym w8", "pallas", {"split": False, "matvec": "sym", "num_warps": 8}),
     ("xla", "xla", {}),
 ]
 

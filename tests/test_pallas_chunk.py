@@ -105,6 +105,35 @@ def test_kk_only_and_bf16_starts(separate_g_kk):
     assert rel(kk_bf16[1], full[2]) < 1e-6
 
 
+@pytest.mark.parametrize("segment_chunks", [1, 2, 3])
+def test_segmented_state_pass(segment_chunks):
+    """Segments run in parallel, then fixed up: state_pass (fix-up in XLA) and gla_output fed the Segmented
+    starts (fix-up in the kernel) equal the unsegmented pass; 7 chunks (T = 100, chunk 16), so segments of
+    2 and 3 pad the last one."""
+    d, chunk, t = 16, 16, 100
+    inp = make_inputs(seed=17, b=2, t=t, h=4, hkv=2, d=d, with_state=True)
+    g_kk = (-np.exp(np.random.default_rng(2).uniform(-4, 1, size=inp["g"].shape))).astype(np.float32)
+
+    @jax.jit
+    def run(q, k, v, beta, g, g_kk, h_kk, h_kv):
+        common = dict(chunk_size=chunk, interpret=INTERPRET)
+        plain = pallas_chunk.state_pass(k, v, beta, g, g_kk, h_kk, h_kv, **common)
+        resolved = pallas_chunk.state_pass(k, v, beta, g, g_kk, h_kk, h_kv, segment_chunks=segment_chunks,
+                                           **common)
+        (_, kv_seg), finals = pallas_chunk.state_pass_segmented(k, v, beta, g, g_kk, h_kk, h_kv,
+                                                                segment_chunks=segment_chunks, **common)
+        o_plain = pallas_chunk.gla_output(q, k, v, beta, g, plain[1], scale=0.25, **common)
+        o_seg = pallas_chunk.gla_output(q, k, v, beta, g, kv_seg, scale=0.25, **common)
+        return plain, resolved, finals, o_plain, o_seg
+
+    plain, resolved, finals, o_plain, o_seg = run(inp["q"], inp["k"], inp["v"], inp["beta"], inp["g"], g_kk,
+                                                  inp["h_kk"], inp["h_kv"])
+    for got, want in zip(resolved, plain):
+        assert got.shape == want.shape and rel(got, want) < TOL_REF
+    assert rel(finals[0], plain[2]) < TOL_REF and rel(finals[1], plain[3]) < TOL_REF
+    assert rel(o_seg, o_plain) < TOL_REF
+
+
 def test_bf16_output_operands():
     """operand_dtype bf16 (DEFAULT models): the output dots take bf16 q', k, v, S (fp32 accumulation); the
     fused kernel's state update keeps fp32 operands, so its final h_kv is unchanged. Against float64 with
@@ -173,8 +202,12 @@ def test_lowers_for_gpu(gates):
                                     operand_dtype=bf16),
             pallas_chunk.gla_fused(q.astype(bf16), k, v, beta, g, h_kv, scale=0.1, chunk_size=c, block_v=32,
                                    operand_dtype=bf16))
-        return states, kk_bf16, o, fused, bf16_operands
+        segmented, _ = pallas_chunk.state_pass_segmented(k, v, beta, g, g_kk, h_kk, h_kv, chunk_size=c,
+                                                         segment_chunks=2, starts_dtype=bf16)
+        o_segmented = pallas_chunk.gla_output(q.astype(bf16), k, v, beta, g, segmented[1], scale=0.1,
+                                              chunk_size=c, operand_dtype=bf16, out_dtype=bf16)
+        return states, kk_bf16, o, fused, bf16_operands, o_segmented
 
     lowered = jax.jit(run).trace(jax.ShapeDtypeStruct((b, t, h, d), f32), k, k, gate, g, gate, state, state,
                                  starts).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 7
+    assert lowered.as_text().count("xla.gpu.triton") == 9

@@ -104,20 +104,6 @@ def test_other_matvec_forms(split, matvec):
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_low_precision_matvecs(split):
-    """dot_tf32 (exact fp32 in interpret mode; TF32 on a GPU) and dot_bf16 (H and x rounded to bf16 in the
-    products; state update and norm in fp32): the states stay exact; o and x move by bf16 rounding (2^-9 per
-    operand) amplified by the solve: observed 1.2e-2 (x) and 3.2e-2 (o) vs float64 on these rank-8 states,
-    where the ridge lets the solve scale directions outside the keys' span by up to ~1/lambda."""
-    args, _, want = case_and_expected(32, 4, 30, True, True, False)
-    tf32 = run_kernel(args, 30, split=split, matvec="dot_tf32")
-    assert_close(tf32, want, 1e-4 if INTERPRET else 1e-2)
-    got = run_kernel(args, 30, split=split, matvec="dot_bf16")
-    assert rel(got.h_kk, want.h_kk) < 1e-5 and rel(got.h_kv, want.h_kv) < 1e-5
-    assert rel(got.x, want.x) < 5e-2 and rel(got.o, want.o) < 5e-2
-
-
-@pytest.mark.parametrize("split", [False, True])
 def test_zero_state_first_token(split):
     """Zero initial states (H = k k^T, rank one: the solve amplifies rounding; checked against float64)."""
     args = decode_inputs(7)

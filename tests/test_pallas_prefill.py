@@ -1,9 +1,10 @@
-"""The whole Pallas prefill (state pass -> solve -> fused GLA, interpret mode on CPU, compiled on a GPU)
+"""The whole Pallas prefill (state pass -> solve -> GLA output, interpret mode on CPU, compiled on a GPU)
 against the pure-JAX path and the float64 oracle, its precision modes, and its custom_vjp gradients
 against autodiff of the pure-JAX path.
 
 Tolerances (relative Frobenius errors): fp32 HIGHEST <= 1e-5 vs the pure-JAX path, <= 1e-4 vs float64
-(observed ~1e-6); DEFAULT (bf16 solve operands, bf16 chunk starts) <= 2e-2 vs float64 (observed ~4e-3);
+(observed ~1e-6); DEFAULT (bf16 solve and GLA-output operands, bf16 chunk starts and q') within bf16
+rounding as amplified by the solve (see test_default_precision_is_close_to_float64);
 gradients <= 1e-5 vs autodiff of the pure-JAX path.
 """
 
@@ -54,7 +55,7 @@ def test_matches_reference_and_float64(t, num_iter, hkv, options):
     assert rel(got.h_kk, exact["h_kk"]) < 1e-4 and rel(got.h_kv, exact["h_kv"]) < 1e-4
 
 
-@pytest.mark.parametrize("tuning", [pallas_prefill.GPU_TUNING, pallas_prefill.TWO_KERNEL_GLA])
+@pytest.mark.parametrize("tuning", [pallas_prefill.GPU_TUNING, pallas_prefill.FUSED_GLA])
 def test_gpu_tunings_and_both_gla_paths(tuning):
     """Both GLA paths (fused, two-kernel) with the GPU block sizes, which are capped for small heads."""
     inp = make_inputs(4, b=1, t=40, h=4, hkv=2, d=16, with_state=True)
@@ -62,6 +63,23 @@ def test_gpu_tunings_and_both_gla_paths(tuning):
     want = prefill(reference.gka_prefill, inp, 5)
     for a, b in zip(got, want):
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("segment_chunks", [1, 2])
+def test_segmented_state_pass(fused, segment_chunks):
+    """Segments of 1 and 2 chunks (T = 100, chunk 16: 7 chunks, the last partial; segments of 2 pad to 8):
+    the segment carries fixed up inside the solve and gla_output kernels, the final states from the carry
+    scan, separate g_kk, nonzero initial states; vs the pure-JAX path and float64."""
+    inp = make_inputs(6, b=2, t=100, h=4, hkv=2, d=16, with_state=True)
+    g_kk = jnp.asarray(inp["g"]) * 0.7
+    tuning = {"state_pass": {"segment_chunks": segment_chunks}, "gla": {"fused": fused}}
+    got = pallas(inp, 10, precision=reference.HIGHEST, g_kk=g_kk, tuning=tuning)
+    want = prefill(reference.gka_prefill, inp, 10, g_kk=g_kk)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5
+    exact = run_oracle(inp, 10, g_kk=np.asarray(g_kk))
+    assert rel(got.o, exact["o"]) < 1e-4 and rel(got.h_kk, exact["h_kk"]) < 1e-4
 
 
 def test_separate_kk_decay():
@@ -88,7 +106,8 @@ def test_default_precision_is_close_to_float64():
     assert rel(got.x, exact["x"]) < 1e-2
     assert rel(got.o, exact["o"]) < 0.3
     tf32 = pallas(inp, 30, precision=jax.lax.Precision.HIGH)
-    assert rel(tf32.o, exact["o"]) < 1e-3
+    # HIGH is exact fp32 in interpret mode; TF32 on a GPU (observed 1.9e-2 on an H200 for this case).
+    assert rel(tf32.o, exact["o"]) < (1e-3 if INTERPRET else 5e-2)
     assert rel(got.h_kk, exact["h_kk"]) < 1e-4   # final states are accumulated in fp32
 
 

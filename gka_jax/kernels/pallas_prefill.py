@@ -1,10 +1,11 @@
 """GKA prefill from the three Pallas GPU kernels, with a ``jax.custom_vjp`` for fine-tuning.
 
-    h_kk starts, h_kk final = state_pass(k, kk_only)   (pallas_chunk: h_kk at every chunk start)
-    x                       = chebyshev_solve(q, h_kk)  (pallas_solve: num_iter iterations per chunk, in registers)
-    q'                      = q + alpha (x - q)
-    o, h_kv final           = gla_fused(q', k, v, h_kv) (pallas_chunk: h_kv stays in registers across chunks)
-(or, with ``tuning["gla"]["fused"] = False``: one state pass for both states, then gla_output.)
+    starts and finals of h_kk, h_kv = state_pass_segmented(k, v)  (pallas_chunk: segments of chunks in parallel)
+    x, q' = q + alpha (x - q)      = chebyshev_solve(q, h_kk starts)  (pallas_solve: num_iter iterations per
+                                                                       chunk in registers, then the mix)
+    o                              = gla_output(q', k, v, h_kv starts) (pallas_chunk: one program per chunk)
+(or, with ``tuning["gla"]["fused"] = True``: a kk-only state pass, and gla_fused walks the chunks carrying
+h_kv in registers.) The segmented starts are fixed up inside the solve and GLA kernels as they load them.
 
 Same signature and result as ``reference.gka_prefill``. GQA keys/values stay at their Hkv heads in memory:
 each kernel reads kv head h // group for query head h and applies beta itself.
@@ -43,16 +44,17 @@ def supports(q, k, v, *, chunk_size: int = 64) -> bool:
     return pow2(q.shape[-1]) and pow2(v.shape[-1]) and pow2(chunk_size) and q.shape[2] % k.shape[2] == 0
 
 
-# Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=16K (benchmarks/tune_kernels.py, docs/kernels.md).
+# Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=16K (benchmarks/tune_kernels.py, docs/kernels.md): one
+# segmented state pass for both states, then gla_output (at 21b70d5, unsegmented: 4.74 ms in all against
+# 5.64 for the kk-only pass + fused GLA, whose chunk walk is serial).
 GPU_TUNING = {
     "solve": {"num_warps": 4, "num_stages": 1},
-    "state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2},
-    "gla": {"fused": True, "block_v": 32, "num_warps": 4, "num_stages": 2},
+    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 32},
+    "gla": {"fused": False, "block_v": 128, "num_warps": 4, "num_stages": 1},
 }
-# The two-kernel alternative (state_pass for both states + gla_output): its pieces measured 1.03 + 0.96 ms
-# at T=16K against 0.73 + 2.07 ms for kk-only + fused, but the whole path has not been timed end to end yet.
-TWO_KERNEL_GLA = {"state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2},
-                  "gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}}
+# The fused alternative: kk-only state pass, then gla_fused carries h_kv through the chunks in registers.
+FUSED_GLA = {"state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 32},
+             "gla": {"fused": True, "block_v": 32, "num_warps": 4, "num_stages": 2}}
 
 
 def _kernel_precision(precision):
@@ -74,13 +76,13 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
     operands = _operand_dtype(precision)
     common = dict(chunk_size=chunk_size, precision=kernel_precision, interpret=interpret)
     gla_opts = dict(tuning.get("gla", {}))
-    fused = gla_opts.pop("fused", True)
+    fused = gla_opts.pop("fused", False)
     if fused:   # h_kk starts only; h_kv stays in the registers of gla_fused
-        kk_starts, h_kk_final = pallas_chunk.state_pass(
+        (kk_starts,), (h_kk_final,) = pallas_chunk.state_pass_segmented(
             k, None, beta, g, g_kk, upcast(h_kk), None, kk_only=True, starts_dtype=operands, **common,
             **tuning.get("state_pass", {}))
     else:       # one pass for both states' starts, then gla_output reads the h_kv starts
-        kk_starts, kv_starts, h_kk_final, h_kv_final = pallas_chunk.state_pass(
+        (kk_starts, kv_starts), (h_kk_final, h_kv_final) = pallas_chunk.state_pass_segmented(
             k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), starts_dtype=operands, **common,
             **tuning.get("state_pass", {}))
     if num_iter > 0:   # x and q' = q + alpha (x - q) from the solve kernel
@@ -93,11 +95,11 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
         q_mixed = q.astype(operands)
     if fused:   # walks the chunks: writes o from the chunk-start h_kv, then updates h_kv
         o, h_kv_final = pallas_chunk.gla_fused(q_mixed, k, v, beta, g, upcast(h_kv), scale=scale,
-                                               operand_dtype=operands, **common, **gla_opts)
+                                               operand_dtype=operands, out_dtype=q.dtype, **common, **gla_opts)
     else:
         o = pallas_chunk.gla_output(q_mixed, k, v, beta, g, kv_starts, scale=scale, operand_dtype=operands,
-                                    **common, **gla_opts)
-    return GKAResult(o.astype(q.dtype), x.astype(q.dtype), h_kk_final, h_kv_final)
+                                    out_dtype=q.dtype, **common, **gla_opts)
+    return GKAResult(o, x.astype(q.dtype), h_kk_final, h_kv_final)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .pallas_chunk import Segmented, fixed_start
 from .reference import HIGHEST, _chebyshev
 
 try:  # the Triton lowering is deprecated in jax 0.11 and may disappear
@@ -41,11 +42,11 @@ except ImportError:  # pragma: no cover - depends on the installed jax
     AVAILABLE = False
 
 
-def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, alpha_ref, x_ref, mixed_ref=None, *, num_iter,
-                  ridge_strength, precision, operand_dtype, one_accumulator, compact):
-    """One (chunk, head, batch): q, k, x [C, D]; beta (or None), g [C]; h0 [D, D]; with ``mixed_ref`` [C, D]
-    also q' = q + alpha (x - q) (alpha [C], or None: q' = x). ``one_accumulator`` and ``compact``: see
-    ``chebyshev_solve``."""
+def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, start_refs, alpha_ref, x_ref, mixed_ref=None, *, num_iter,
+                  ridge_strength, precision, operand_dtype):
+    """One (chunk, head, batch): q, k, x [C, D]; beta (or None), g [C]; start_refs the chunk-start h_kk
+    [D, D] (``Segmented.kernel_inputs``); with ``mixed_ref`` [C, D] also q' = q + alpha (x - q) (alpha [C],
+    or None: q' = x)."""
     f32 = jnp.float32
 
     def dot(a, b):  # operands in operand_dtype, fp32 accumulation
@@ -63,7 +64,7 @@ def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, alpha_ref, x_ref, mixed
     cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
     mask = jnp.exp(jnp.where(rows >= cols, gcum[:, None] - gcum[None, :], -jnp.inf))   # [C, C]
     start_decay = jnp.exp(gcum)                                        # [C]
-    h0 = h0_ref[...].astype(f32)                                       # [D, D]
+    h0 = fixed_start(*start_refs).astype(f32)                          # [D, D]
     h0_op = h0.astype(operand_dtype)
 
     # ||H_t||_F^2, three non-negative terms.
@@ -76,35 +77,31 @@ def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, h0_ref, alpha_ref, x_ref, mixed
     fro = jnp.sqrt(jnp.maximum(fro_sq, 0.0))                           # [C]
 
     decay = start_decay[:, None]                                       # [C, 1]
-    held_mask = mask.astype(operand_dtype) if compact else mask       # [C, C]
-    held_q = q_ref[...] if compact else q                              # [C, D], as stored (bf16 in models)
 
     def apply_h(x):  # rows of H_t x_t
-        scores = dot(x, k_op.T) * held_mask                            # [C, C]
-        if one_accumulator:   # (e^G X) H0 + S K: the second dot can accumulate onto the first
-            return dot(decay * x, h0_op) + dot(scores, k_op)
+        scores = dot(x, k_op.T) * mask                                 # [C, C]
         return decay * dot(x, h0_op) + dot(scores, k_op)
 
-    x = _chebyshev(apply_h, held_q, fro, num_iter=num_iter, ridge_strength=ridge_strength)   # [C, D] f32
+    x = _chebyshev(apply_h, q, fro, num_iter=num_iter, ridge_strength=ridge_strength)   # [C, D] f32
     x_ref[...] = x.astype(x_ref.dtype)
     if mixed_ref is not None:
-        if compact:   # q was not kept in fp32 across the loop
-            q = q_ref[...].astype(f32)
         mixed = x if alpha_ref is None else q + alpha_ref[...].astype(f32)[:, None] * (x - q)
         mixed_ref[...] = mixed.astype(mixed_ref.dtype)
 
 
 def _default_num_warps(chunk_size: int, head_dim: int) -> int:
-    """8 warps from C * D = 64 * 128 up (fewest spills there, see the module docstring), else 4."""
-    return 8 if chunk_size * head_dim >= 64 * 128 else 4
+    """4: at C = 64, D = 128 two 4-warp programs share an SM and beat one 8-warp program despite more spills
+    (3.6 against 6.6 ms at T = 16K on an H200, docs/benchmarks.md)."""
+    del chunk_size, head_dim
+    return 4
 
 
 @functools.partial(jax.jit, static_argnames=(
     "num_iter", "ridge_strength", "chunk_size", "precision", "operand_dtype", "interpret", "num_warps",
-    "num_stages", "x_dtype", "mixed_dtype", "one_accumulator", "compact"))
+    "num_stages", "x_dtype", "mixed_dtype"))
 def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, chunk_size=64, precision=HIGHEST,
                     operand_dtype=jnp.float32, interpret=False, num_warps=None, num_stages=None, alpha=None,
-                    x_dtype=jnp.float32, mixed_dtype=None, one_accumulator=False, compact=False):
+                    x_dtype=jnp.float32, mixed_dtype=None):
     """Chebyshev solutions x_t of (H_t + ridge ||H_t||_F I) x = q_t, one Pallas-Triton program per chunk.
 
     Semantics of ``reference.chebyshev_chunked(q, expand_heads(k, .., beta, H)[0], g_kk, h_kk_starts, ...)``
@@ -112,7 +109,8 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     q [B, T, H, D] unit-norm queries (any float dtype); k [B, T, Hkv, D] unit-norm keys, not expanded (query
     head h reads kv head h // (H // Hkv)); beta [B, T, H] key multiplier or None; g_kk [B, T, H] log-decay
     of h_kk; h_kk_starts [B, H, N, D, D] the state at the start of each chunk (``chunk_state_pass``,
-    N = ceil(T / chunk_size)). Returns x [B, T, H, D] in ``x_dtype`` (float32 by default).
+    N = ceil(T / chunk_size)), or the ``Segmented`` h_kk starts of ``pallas_chunk.state_pass_segmented``
+    (each program fixes its start block up as it loads it). Returns x [B, T, H, D] in ``x_dtype`` (float32 by default).
     With ``mixed_dtype`` set it returns (x, q') with the GKA query mix q' = q + alpha (x - q) (alpha
     [B, T, H], or None for q' = x) computed in fp32 in the kernel and stored in ``mixed_dtype``, which saves
     the GLA a separate elementwise pass over x.
@@ -122,12 +120,8 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     lowering (HIGHEST: IEEE fp32 on FMA units; DEFAULT: TF32 tensor cores; other ``lax.DotAlgorithmPreset``
     values pass through, but TF32_TF32_F32_X3 needs 320 KiB of shared memory at C = 64, D = 128, more than an
     SM has). Elementwise math is fp32 throughout.
-    Tunables: ``num_warps`` (default 8 for C * D >= 64 * 128, else 4) and ``num_stages`` (default 1: the
-    iteration loop loads nothing, so there is nothing to pipeline). Register-pressure options (the loop
-    state X, X_prev, q, M and two dot accumulators exceed 255 registers per thread at 4 warps):
-    ``one_accumulator`` computes e^G (X H0) as (e^G X) H0 so the two products of H_t X share one
-    accumulator; ``compact`` holds q as stored (bf16 in models: exact) and M in ``operand_dtype`` (with bf16
-    operands M is rounded to bf16 before it scales X K^T, whose product is rounded to bf16 anyway).
+    Tunables: ``num_warps`` (default 4) and ``num_stages`` (default 1: the
+    iteration loop loads nothing, so there is nothing to pipeline).
     chunk_size and D must be powers of 2 and >= 16 (Triton block and dot rules); T is zero-padded to a
     multiple of chunk_size (padded keys come after every real token, so they change nothing).
     """
@@ -141,8 +135,11 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     for name, size in (("chunk_size", chunk_size), ("D", d)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}={size} must be a power of 2 and >= 16 (Triton block and dot rules)")
-    if h_kk_starts.shape != (batch, num_heads, num_chunks, d, d):
-        raise ValueError(f"h_kk_starts has shape {h_kk_starts.shape}, expected "
+    starts = Segmented.of(h_kk_starts)
+    stored = starts.starts.shape
+    if starts.num_chunks != num_chunks or stored[:2] != (batch, num_heads) or stored[2] < num_chunks \
+            or stored[3:] != (d, d):
+        raise ValueError(f"h_kk_starts has shape {stored} ({starts.num_chunks} chunks), expected "
                          f"{(batch, num_heads, num_chunks, d, d)} for chunk_size={chunk_size}")
     group = num_heads // num_kv_heads
 
@@ -155,11 +152,10 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     rows_block = pl.BlockSpec((None, chunk_size, None, d), lambda n, h, b: (b, n, h, 0))          # [C, D]
     kv_block = pl.BlockSpec((None, chunk_size, None, d), lambda n, h, b: (b, n, h // group, 0))   # [C, D]
     gate_block = pl.BlockSpec((None, chunk_size, None), lambda n, h, b: (b, n, h))                # [C]
-    state_block = pl.BlockSpec((None, None, None, d, d), lambda n, h, b: (b, h, n, 0, 0))          # [D, D]
+    start_arrays, start_specs = starts.kernel_inputs(d, d, lambda n, h, b: (b, h, n, 0, 0))       # [D, D]
 
     kernel = functools.partial(_solve_kernel, num_iter=num_iter, ridge_strength=ridge_strength,
-                               precision=precision, operand_dtype=jnp.dtype(operand_dtype),
-                               one_accumulator=one_accumulator, compact=compact)
+                               precision=precision, operand_dtype=jnp.dtype(operand_dtype))
     params = pltriton.CompilerParams(
         num_warps=_default_num_warps(chunk_size, d) if num_warps is None else num_warps,
         num_stages=1 if num_stages is None else num_stages)
@@ -167,13 +163,13 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     outs = pl.pallas_call(
         kernel,
         grid=(num_chunks, num_heads, batch),
-        in_specs=[rows_block, kv_block, None if beta is None else gate_block, gate_block, state_block,
+        in_specs=[rows_block, kv_block, None if beta is None else gate_block, gate_block, tuple(start_specs),
                   None if alpha is None or mixed_dtype is None else gate_block],
         out_specs=[rows_block] * len(out_dtypes),
         out_shape=[jax.ShapeDtypeStruct((batch, padded_len, num_heads, d), dt) for dt in out_dtypes],
         compiler_params=params,
         interpret=interpret,
         name="gka_chebyshev_solve",
-    )(q, k, beta, g_kk, h_kk_starts, None if mixed_dtype is None else alpha)
+    )(q, k, beta, g_kk, tuple(start_arrays), None if mixed_dtype is None else alpha)
     outs = [o[:, :seq_len] for o in outs]
     return outs[0] if mixed_dtype is None else tuple(outs)
