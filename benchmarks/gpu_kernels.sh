@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 git log -1 --format=%h 2>/dev/null | tee -a "$OUT/versions.txt"
 [ -n "${SKIP_TESTS:-}" ] || JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_pallas_decode.py \
   tests/test_pallas_chunk.py tests/test_pallas_solve.py tests/test_pallas_prefill.py tests/test_dispatch.py \
-  -k "not through_pallas" > "$OUT/tests_gpu.txt" 2>&1
+  > "$OUT/tests_gpu.txt" 2>&1
 [ -n "${SKIP_TESTS:-}" ] || { echo "gpu kernel tests: $(tail -1 "$OUT/tests_gpu.txt")";
   grep -E "^(FAILED|ERROR)|Error" "$OUT/tests_gpu.txt" | head -5; }
 if [ -n "${TUNE:-}" ]; then   # e.g. TUNE="--kernels solve,gla,decode": the tunables sweep first

@@ -117,12 +117,12 @@ def tiny(golden):
 
 def test_model_through_pallas_kernels_matches_goldens(tiny):
     """Prefill + decode of the golden tiny model with every GKA layer on the Pallas kernels (interpret mode
-    on CPU): prefill and decode logits equal the XLA path's (fp32, HIGHEST), which tests/test_model_golden.py
-    checks against the goldens."""
+    on CPU, compiled on a GPU): prefill and decode logits equal the XLA path's (fp32, HIGHEST), which
+    tests/test_model_golden.py checks against the goldens."""
     import dataclasses
     model, arrays = tiny
     ids = arrays["input_ids"][:1, :40]
-    pallas = dataclasses.replace(model, backend="pallas_interpret")
+    pallas = dataclasses.replace(model, backend="pallas" if jax.default_backend() == "gpu" else "pallas_interpret")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         got = np.asarray(pallas(ids))

@@ -44,16 +44,18 @@ def supports(q, k, v, *, chunk_size: int = 64) -> bool:
     return pow2(q.shape[-1]) and pow2(v.shape[-1]) and pow2(chunk_size) and q.shape[2] % k.shape[2] == 0
 
 
-# Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=16K (benchmarks/tune_kernels.py, docs/kernels.md): one
-# segmented state pass for both states, then gla_output (at 21b70d5, unsegmented: 4.74 ms in all against
-# 5.64 for the kk-only pass + fused GLA, whose chunk walk is serial).
+# Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=4K and 16K (benchmarks/kernels.py variants,
+# benchmarks/tune_kernels.py; docs/benchmarks.md): one state pass for both states, then gla_output (4.74 ms
+# in all at 16K against 5.64 for the kk-only pass + fused GLA, whose chunk walk is serial). Segments of 16,
+# 32, 64 chunks or none measured within noise of each other at 16K (4.64-4.86 ms); 64 leaves T <= 4K
+# unsegmented (no carry scan) and still cuts the serial walk of long prompts.
 GPU_TUNING = {
     "solve": {"num_warps": 4, "num_stages": 1},
-    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 32},
+    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 64},
     "gla": {"fused": False, "block_v": 128, "num_warps": 4, "num_stages": 1},
 }
 # The fused alternative: kk-only state pass, then gla_fused carries h_kv through the chunks in registers.
-FUSED_GLA = {"state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 32},
+FUSED_GLA = {"state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 64},
              "gla": {"fused": True, "block_v": 32, "num_warps": 4, "num_stages": 2}}
 
 
