@@ -181,8 +181,8 @@ def _state(**changes):
 # Tuning variants timed beside the defaults (pallas_prefill.GPU_TUNING) at the 8B shapes, num_iter 30.
 VARIANTS = {
     "fused GLA": pallas_prefill.FUSED_GLA,
-    "unsegmented": _state(segment_chunks=None),
     "segments of 32": _state(segment_chunks=32),
+    "segments of 64": _state(segment_chunks=64),
     "state block_v 32": _state(block_v=32),
     "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
 }

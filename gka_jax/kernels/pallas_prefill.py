@@ -1,11 +1,12 @@
 """GKA prefill from the three Pallas GPU kernels, with a ``jax.custom_vjp`` for fine-tuning.
 
-    starts and finals of h_kk, h_kv = state_pass_segmented(k, v)  (pallas_chunk: segments of chunks in parallel)
+    starts and finals of h_kk, h_kv = state_pass_segmented(k, v)  (pallas_chunk: optionally segments of chunks
+                                                                   in parallel)
     x, q' = q + alpha (x - q)      = chebyshev_solve(q, h_kk starts)  (pallas_solve: num_iter iterations per
                                                                        chunk in registers, then the mix)
     o                              = gla_output(q', k, v, h_kv starts) (pallas_chunk: one program per chunk)
 (or, with ``tuning["gla"]["fused"] = True``: a kk-only state pass, and gla_fused walks the chunks carrying
-h_kv in registers.) The segmented starts are fixed up inside the solve and GLA kernels as they load them.
+h_kv in registers.) Segmented starts are fixed up inside the solve and GLA kernels as they load them.
 
 Same signature and result as ``reference.gka_prefill``. GQA keys/values stay at their Hkv heads in memory:
 each kernel reads kv head h // group for query head h and applies beta itself.
@@ -46,16 +47,16 @@ def supports(q, k, v, *, chunk_size: int = 64) -> bool:
 
 # Tuned on an H200 at B=1, H=32, Hkv=8, D=128, T=4K and 16K (benchmarks/kernels.py variants,
 # benchmarks/tune_kernels.py; docs/benchmarks.md): one state pass for both states, then gla_output (4.74 ms
-# in all at 16K against 5.64 for the kk-only pass + fused GLA, whose chunk walk is serial). Segments of 16,
-# 32, 64 chunks or none measured within noise of each other at 16K (4.64-4.86 ms); 64 leaves T <= 4K
-# unsegmented (no carry scan) and still cuts the serial walk of long prompts.
+# in all at 16K against 5.64 for the kk-only pass + fused GLA, whose chunk walk is serial). The unsegmented
+# pass was the fastest in two runs at 16K (4.68 / 4.51 ms against 4.64-4.88 for segments of 16, 32, 64
+# chunks), so segments are off by default; ``{"state_pass": {"segment_chunks": L}}`` turns them on.
 GPU_TUNING = {
     "solve": {"num_warps": 4, "num_stages": 1},
-    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 64},
+    "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": None},
     "gla": {"fused": False, "block_v": 128, "num_warps": 4, "num_stages": 1},
 }
 # The fused alternative: kk-only state pass, then gla_fused carries h_kv through the chunks in registers.
-FUSED_GLA = {"state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": 64},
+FUSED_GLA = {"state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2},
              "gla": {"fused": True, "block_v": 32, "num_warps": 4, "num_stages": 2}}
 
 
