@@ -10,8 +10,11 @@ tokens, G_t the within-chunk inclusive cumsum of the log-decay and G_last its va
 
 ``state_pass`` follows fla's ``chunk_fwd_h``: one program per (column block of [h_kk | h_kv], row block, head,
 batch) walks the N chunks in a ``lax.fori_loop`` with its fp32 state block in registers, storing it as each
-chunk's start (``kk_only``: h_kk alone; ``starts_dtype`` bf16 halves the starts' traffic). ``gla_output`` runs
-one program per (column block of o, chunk, head, batch) from those stored h_kv starts. ``gla_fused`` does both
+chunk's start (``kk_only``: h_kk alone; ``starts_dtype`` bf16 halves the starts' traffic). With
+``segment_chunks`` (``state_pass_segmented``) segments of chunks are walked in parallel from zero and a short
+XLA scan gives each segment's true starting state; consumers fix each start block up as they load it
+(``Segmented``). ``gla_output`` runs one program per (column block of o, chunk, head, batch) from those stored
+h_kv starts. ``gla_fused`` does both
 halves for h_kv in one kernel: one program per (column block of o, head, batch) walks the chunks, writes each
 chunk's output from the h_kv block it carries in registers, then advances that block; the h_kv starts never
 reach memory. A sequence whose length is not a multiple of the chunk is zero-padded in the wrapper (zero k,

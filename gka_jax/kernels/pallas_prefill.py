@@ -66,8 +66,9 @@ def _kernel_precision(precision):
 
 
 def _operand_dtype(precision):
-    """Operand dtype of every kernel dot, and of the chunk starts and q' passed between kernels: bf16 for
-    the fast default (the reference's policy), fp32 (TF32 or IEEE dots) for HIGH / HIGHEST."""
+    """Operand dtype of the solve's and the GLA output's dots, and of the chunk starts and q' passed between
+    kernels: bf16 for the fast default (the reference's policy), fp32 (TF32 or IEEE dots) for HIGH /
+    HIGHEST. (The state updates always take fp32 operands.)"""
     return jnp.bfloat16 if precision in (None, jax.lax.Precision.DEFAULT) else jnp.float32
 
 
