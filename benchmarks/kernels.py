@@ -432,23 +432,27 @@ def copy_bandwidth() -> float | None:
         return None
 
 
+def markdown_table(title, rows, digits=3):
+    """Print ``rows`` (dicts; the union of their keys in first-seen order are the columns) as a markdown table
+    under ``### title``; floats with ``digits`` significant digits."""
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + " --- |" * len(keys))
+    for row in rows:
+        cells = [f"{row.get(k, ''):.{digits}g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
+                 for k in keys]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def print_tables():
     by_section: dict[str, list[dict]] = {}
     for row in ROWS:
-        by_section.setdefault(row["section"], []).append(row)
+        by_section.setdefault(row["section"], []).append({k: v for k, v in row.items() if k != "section"})
     for section, rows in by_section.items():
-        keys = []
-        for row in rows:
-            keys += [k for k in row if k != "section" and k not in keys]
-        print(f"\n### {section}\n")
-        print("| " + " | ".join(keys) + " |")
-        print("|" + " --- |" * len(keys))
-        for row in rows:
-            cells = []
-            for k in keys:
-                v = row.get(k, "")
-                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-            print("| " + " | ".join(cells) + " |")
+        markdown_table(section, rows)
 
 
 def main():

@@ -20,22 +20,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import decode_states, make_inputs, rel, time_decode, time_jax, to_jax  # noqa: E402
+from benchmarks.kernels import (decode_states, make_inputs, markdown_table, rel, time_decode, time_jax,  # noqa: E402
+                               to_jax)
 from gka_jax.kernels import pallas_chunk, pallas_decode, pallas_solve, reference  # noqa: E402
 
 DEFAULT = jax.lax.Precision.DEFAULT
 HIGHEST = jax.lax.Precision.HIGHEST
 H, D, RIDGE = 32, 128, 0.02
-
-
-def table(title, rows):
-    keys = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    print(f"\n### {title}\n\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(f"{row.get(k, ''):.4g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
-                                for k in keys) + " |", flush=True)
 
 
 def sweep(name, fn, grid):
@@ -50,7 +41,7 @@ def sweep(name, fn, grid):
             traceback.print_exc(limit=1)
         rows.append(row)
         print(name, row, flush=True)
-    table(name, rows)
+    markdown_table(name, rows, digits=4)
 
 
 def main():

@@ -107,43 +107,46 @@ def _solve(h_kk, q, alpha_ref, *, num_iter, ridge_strength, matvec, interpret):
     return x, q_mixed
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, h_kk_ref, h_kv_ref, g_ref, g_kk_ref, beta_ref, alpha_ref,
-                   o_ref, x_ref, h_kk_out_ref, h_kv_out_ref, *, scale, **solve_args):
-    """Fused step for one (b, h): vectors [D] / [Dv], states [D, D] / [D, Dv], per-head scalars []
-    (None when absent)."""
-    k, v = _scaled_kv(k_ref, v_ref, beta_ref)                 # [D], [Dv]
-    g = upcast(g_ref[...])
-    g_kk = g if g_kk_ref is None else upcast(g_kk_ref[...])
-
+def _kk_step(q_ref, k, h_kk_ref, g_kk, alpha_ref, h_kk_out_ref, x_ref, solve_args):
+    """H = exp(g_kk) H + k k^T written back, then x (written) and q' (returned) from the updated H."""
     h_kk = jnp.exp(g_kk) * upcast(h_kk_ref[...]) + k[:, None] * k[None, :]   # [D, D]
     h_kk_out_ref[...] = h_kk.astype(h_kk_out_ref.dtype)
     x, q_mixed = _solve(h_kk, upcast(q_ref[...]), alpha_ref, **solve_args)
     x_ref[...] = x.astype(x_ref.dtype)
+    return q_mixed
 
-    h_kv = jnp.exp(g) * upcast(h_kv_ref[...]) + k[:, None] * v[None, :]      # [D, Dv]
+
+def _kv_step(q_mixed, k, v, h_kv_ref, g, h_kv_out_ref, o_ref, scale):
+    """S = exp(g) S + k v^T written back, then o = scale S^T q' (a column sum over D) written."""
+    h_kv = jnp.exp(g) * upcast(h_kv_ref[...]) + k[:, None] * v[None, :]      # [D, Dv or block]
     h_kv_out_ref[...] = h_kv.astype(h_kv_out_ref.dtype)
-    o = scale * jnp.sum(h_kv * q_mixed[:, None], axis=0)                       # [Dv]
+    o = scale * jnp.sum(h_kv * q_mixed[:, None], axis=0)                       # [Dv or block]
     o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, h_kk_ref, h_kv_ref, g_ref, g_kk_ref, beta_ref, alpha_ref,
+                   o_ref, x_ref, h_kk_out_ref, h_kv_out_ref, *, scale, **solve_args):
+    """Fused step for one (b, h): vectors [D] / [Dv], states [D, D] / [D, Dv], per-head scalars []
+    (None when absent). H and S are never both live."""
+    k, v = _scaled_kv(k_ref, v_ref, beta_ref)                 # [D], [Dv]
+    g = upcast(g_ref[...])
+    g_kk = g if g_kk_ref is None else upcast(g_kk_ref[...])
+    q_mixed = _kk_step(q_ref, k, h_kk_ref, g_kk, alpha_ref, h_kk_out_ref, x_ref, solve_args)
+    _kv_step(q_mixed, k, v, h_kv_ref, g, h_kv_out_ref, o_ref, scale)
 
 
 def _solve_kernel(q_ref, k_ref, h_kk_ref, g_kk_ref, beta_ref, alpha_ref, x_ref, q_mixed_ref, h_kk_out_ref,
                   **solve_args):
     """Split "solve" for one (b, h): H update, x and q' = q + alpha (x - q)."""
     k, _ = _scaled_kv(k_ref, None, beta_ref)                  # [D]
-    h_kk = jnp.exp(upcast(g_kk_ref[...])) * upcast(h_kk_ref[...]) + k[:, None] * k[None, :]   # [D, D]
-    h_kk_out_ref[...] = h_kk.astype(h_kk_out_ref.dtype)
-    x, q_mixed = _solve(h_kk, upcast(q_ref[...]), alpha_ref, **solve_args)
-    x_ref[...] = x.astype(x_ref.dtype)
-    q_mixed_ref[...] = q_mixed
+    q_mixed_ref[...] = _kk_step(q_ref, k, h_kk_ref, upcast(g_kk_ref[...]), alpha_ref, h_kk_out_ref, x_ref,
+                                solve_args)
 
 
 def _value_kernel(q_mixed_ref, k_ref, v_ref, h_kv_ref, g_ref, beta_ref, o_ref, h_kv_out_ref, *, scale):
     """Split "value" for one (b, h, column block): S block [D, block] update and o block [block]."""
     k, v = _scaled_kv(k_ref, v_ref, beta_ref)                 # [D], [block]
-    h_kv = jnp.exp(upcast(g_ref[...])) * upcast(h_kv_ref[...]) + k[:, None] * v[None, :]   # [D, block]
-    h_kv_out_ref[...] = h_kv.astype(h_kv_out_ref.dtype)
-    o = scale * jnp.sum(h_kv * q_mixed_ref[...][:, None], axis=0)            # [block]
-    o_ref[...] = o.astype(o_ref.dtype)
+    _kv_step(q_mixed_ref[...], k, v, h_kv_ref, upcast(g_ref[...]), h_kv_out_ref, o_ref, scale)
 
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
