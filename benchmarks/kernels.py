@@ -185,6 +185,7 @@ VARIANTS = {
     "segments of 64": _state(segment_chunks=64),
     "state block_v 32": _state(block_v=32),
     "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
+    "solve: masked loop only": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "loop": "masked"}},
 }
 
 

@@ -69,17 +69,20 @@ def main():
 
     kernels_wanted = args.kernels.split(",")
     if "solve" in kernels_wanted:
-        def solve(operand_dtype, num_warps):
+        def solve(loop, num_iter, num_warps):
             def run(inputs, starts):
                 return pallas_solve.chebyshev_solve(
-                    inputs["q"], inputs["k"], inputs["beta"], inputs["g"], starts, num_iter=n_iter, ridge_strength=RIDGE,
-                    precision=DEFAULT, operand_dtype=operand_dtype, num_warps=num_warps, num_stages=1,
-                    alpha=inputs["alpha"], x_dtype=bf16, mixed_dtype=operand_dtype)
+                    inputs["q"], inputs["k"], inputs["beta"], inputs["g"], starts, num_iter=num_iter,
+                    ridge_strength=RIDGE, precision=DEFAULT, operand_dtype=bf16, num_warps=num_warps, num_stages=1,
+                    alpha=inputs["alpha"], x_dtype=bf16, mixed_dtype=bf16, loop=loop)
             fn = jax.jit(run)
-            err = rel(fn(small, small_starts.astype(operand_dtype))[0], want_x)
-            return {"ms": time_jax(fn, x, kk_starts.astype(operand_dtype)), "x rel err": err}
-
-        sweep("solve", solve, dict(operand_dtype=[bf16], num_warps=[4, 8]))
+            row = {"ms": time_jax(fn, x, kk_starts.astype(bf16))}
+            if num_iter == n_iter:
+                row["x rel err"] = rel(fn(small, small_starts.astype(bf16))[0], want_x)
+            return row
+        # num_iter 0 times everything but the iterations (loads, Frobenius norms, stores)
+        sweep("solve (bf16)", solve, dict(loop=list(pallas_solve.LOOPS), num_iter=sorted({0, 1, 10, n_iter}),
+                                          num_warps=[4]))
     if "state_pass" in kernels_wanted:
         def state(block_v, block_k, num_warps, num_stages):
             fn = jax.jit(lambda x: pallas_chunk.state_pass(

@@ -83,11 +83,31 @@ def test_matches_reference_and_fp64(d, chunk_size, t, num_iter, hkv, with_beta, 
     inp = make_inputs(seed=d + chunk_size + t + num_iter, t=t, hkv=hkv, d=d, with_beta=with_beta,
                       with_state=with_state)
     want, starts = run_reference(inp, num_iter, chunk_size)
-    got = run_kernel(inp, starts, num_iter, chunk_size)
+    got = run_kernel(inp, starts, num_iter, chunk_size, loop="auto")
     assert got.shape == want.shape and got.dtype == jnp.float32
     assert rel(got, want) < 1e-5
+    if num_iter == 30 and d == 16:   # the masked loop alone (the default for fp32 operands)
+        assert rel(run_kernel(inp, starts, num_iter, chunk_size, loop="masked"), want) < 1e-5
     if num_iter > 0:
         assert rel(got, run_oracle(inp, num_iter)) < 1e-4
+
+
+@pytest.mark.parametrize("log_decay_range", [(1.0, 3.0), (-30.0, -20.0)])
+def test_strong_and_no_decay(log_decay_range):
+    """Chunks whose decay span passes ``FACTORED_SPAN`` run the masked loop, the others the factored loop:
+    g = -exp(U(1, 3)) (2.7 to 20 per token: spans of 113 to 189) puts 16-token chunks on both sides;
+    g = -exp(U(-30, -20)) is no decay to fp32 precision."""
+    chunk_size, t = 16, 80
+    inp = make_inputs(seed=13, t=t, d=16)
+    inp["g"] = (-np.exp(np.random.default_rng(2).uniform(*log_decay_range, size=inp["g"].shape))).astype(np.float32)
+    spans = -np.cumsum(inp["g"].reshape(2, t // chunk_size, chunk_size, -1), axis=2)[:, :, -1]
+    if log_decay_range[0] > 0:
+        assert (spans > pallas_solve.FACTORED_SPAN).any() and (spans <= pallas_solve.FACTORED_SPAN).any()
+    want, starts = run_reference(inp, 30, chunk_size)
+    got = run_kernel(inp, starts, 30, chunk_size, loop="auto")
+    assert np.isfinite(np.asarray(got)).all()
+    assert rel(got, want) < 1e-5
+    assert rel(got, run_oracle(inp, 30)) < 1e-4
 
 
 def test_bfloat16_operands_and_inputs():
@@ -109,7 +129,7 @@ def test_query_mix_in_the_kernel(with_alpha):
     inp = make_inputs(seed=12, t=37, d=16)
     alpha = jnp.asarray(np.random.default_rng(1).uniform(size=inp["g"].shape), jnp.float32) if with_alpha else None
     want_x, starts = run_reference(inp, 10, 16)
-    x, mixed = run_kernel(inp, starts, 10, 16, alpha=alpha, mixed_dtype=jnp.float32)
+    x, mixed = run_kernel(inp, starts, 10, 16, alpha=alpha, mixed_dtype=jnp.float32, loop="auto")
     assert x.dtype == mixed.dtype == jnp.float32
     want_mixed = want_x if alpha is None else inp["q"] + alpha[..., None] * (want_x - inp["q"])
     assert rel(x, want_x) < 1e-5 and rel(mixed, want_mixed) < 1e-5
@@ -153,3 +173,5 @@ def test_rejects_bad_shapes():
         pallas_solve.chebyshev_solve(inp["q"], inp["k"][:, :, :1].repeat(3, axis=2), None, inp["g"], starts,
                                      num_iter=1, ridge_strength=RIDGE, chunk_size=16, interpret=True)
 
+    with pytest.raises(ValueError, match="loop="):
+        run_kernel(inp, starts, 1, 16, loop="unrolled")

@@ -180,6 +180,18 @@ def chebyshev_chunked(q, k, g, h_kk_starts, *, num_iter, ridge_strength, chunk_s
     return _from_chunks(x, t)
 
 
+def chebyshev_coefficients(fro, ridge_strength):
+    """(lambda, step, rho^2 / 4), each [..., 1], of the Chebyshev iteration for ``fro`` [...] = ||H||_F:
+    lambda = ridge * fro, eigen-bounds [lambda, lambda + fro], step = 2 / (2 lambda + fro) and
+    rho = fro / (2 lambda + fro). fro = 0 (H exactly zero) is taken as 1 (see ``_chebyshev``)."""
+    fro = jnp.where(fro > 0, fro, 1.0)
+    lam = (ridge_strength * fro)[..., None]
+    fro = fro[..., None]
+    step = 2.0 / (2.0 * lam + fro)
+    rho_sq_4 = (fro / (2.0 * lam + fro) / 2.0) ** 2
+    return lam, step, rho_sq_4
+
+
 def _chebyshev(apply_h, q, fro, *, num_iter, ridge_strength):
     """Chebyshev iteration for (H + lambda I) x = q with lambda = ridge * fro, eigen-bounds [lambda, lambda+fro].
 
@@ -187,11 +199,7 @@ def _chebyshev(apply_h, q, fro, *, num_iter, ridge_strength):
     key seen yet, e.g. a padded slot); the reference divides by zero there, we use fro := 1 instead so the
     result stays finite. No real token reaches this case (a unit-norm key makes fro > 0).
     """
-    fro = jnp.where(fro > 0, fro, 1.0)
-    lam = (ridge_strength * fro)[..., None]
-    fro = fro[..., None]
-    step = 2.0 / (2.0 * lam + fro)
-    rho_sq_4 = (fro / (2.0 * lam + fro) / 2.0) ** 2
+    lam, step, rho_sq_4 = chebyshev_coefficients(fro, ridge_strength)
 
     def body(_, carry):
         x, x_prev, omega = carry
