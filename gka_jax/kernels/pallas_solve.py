@@ -74,8 +74,9 @@ def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, start_refs, alpha_ref, x_ref, m
         return k if row_scale is None else k * row_scale
 
     # The factored loop runs fastest after a lean preamble (q read where it is used, H0 and K held in
-    # operand_dtype only); the masked loop alone after one that holds q, fp32 K and fp32 H0 (H200, T=16K:
-    # 3.35 / 3.6 ms; the other way round 4.7 / 5.3 ms).
+    # operand_dtype only), the masked loop after one that holds q, fp32 K and fp32 H0 (H200, T=16K: solve
+    # 3.35 / 3.60 ms that way; the masked loop behind the lean preamble took 5.27 ms, and the factored loop
+    # behind the held one lost to the masked loop, 4.66 against 4.32 ms for the whole prefill).
     held = loop == "masked"
     q = q_ref[...].astype(f32) if held else None                       # [C, D]
     k = keys()                                                         # [C, D]
@@ -88,12 +89,11 @@ def _solve_kernel(q_ref, k_ref, beta_ref, g_ref, start_refs, alpha_ref, x_ref, m
     h0 = fixed_start(*start_refs)                                      # [D, D]
     h0 = h0.astype(f32) if held else h0.astype(operand_dtype)
     h0_op = h0.astype(operand_dtype)
-    if not held:
-        k = k_op.astype(f32)
+    k_norm = k if held else k_op.astype(f32)                           # the keys' second factor in k^T H0 k
 
     # ||H_t||_F^2, three non-negative terms.
     h0_sq = jnp.sum(jnp.sum(jnp.square(h0.astype(f32)), axis=1), axis=0)   # []
-    k_h0_k = jnp.sum(dot(k_op, h0_op) * k, axis=1)                     # [C]
+    k_h0_k = jnp.sum(dot(k_op, h0_op) * k_norm, axis=1)                # [C]
     gram = dot(k_op, k_op.T)                                           # [C, C]
     fro_sq = (start_decay * start_decay * h0_sq
               + 2.0 * start_decay * jnp.sum(mask * k_h0_k[None, :], axis=1)
