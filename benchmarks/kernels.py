@@ -87,6 +87,27 @@ def time_decode(step, x, h_kk, h_kv, *, iters=20, warmup=3) -> float:
     return statistics.median(times)
 
 
+def time_decode_loop(step, x, h_kk, h_kv, *, steps=16, iters=5) -> float:
+    """Median ms per step of ``steps`` decode steps run in one jitted ``fori_loop`` (states carried and
+    donated): the GPU time of a step without the per-call dispatch that ``time_decode`` includes."""
+    def many(x, h_kk, h_kv):
+        def body(_, carry):   # o is summed into the carry: the solve feeds only o, so XLA would drop it
+            o, h_kk, h_kv = step(x, *carry[1:])
+            return carry[0] + o.astype(jnp.float32), h_kk, h_kv
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros(x["q"].shape, jnp.float32), h_kk, h_kv))[1:]
+
+    run = jax.jit(many, donate_argnums=(1, 2))
+    for _ in range(2):
+        h_kk, h_kv = run(x, h_kk, h_kv)
+    jax.block_until_ready((h_kk, h_kv))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        h_kk, h_kv = jax.block_until_ready(run(x, h_kk, h_kv))
+        times.append((time.perf_counter() - start) * 1e3 / steps)
+    return statistics.median(times)
+
+
 # ----------------------------------------------------------------------------- inputs
 def make_inputs(seed, b, t, decode=False):
     """Unit-norm q/k, random v, beta in (0, 1] + 1e-6, decays g in the model's range, alpha in (0, 1)."""
@@ -246,7 +267,8 @@ def section_errors(args, ref):
                 return jax.tree.map(np.asarray, res)
 
         want = exact_decode(d32)
-        for label, backend, options in (("xla", "xla", {}), (PALLAS, PALLAS, {})):
+        gpu_rows = () if INTERPRET else (("pallas split", PALLAS, {"kernel": "pallas"}),)
+        for label, backend, options in (("xla", "xla", {}), (PALLAS, PALLAS, {})) + gpu_rows:
             res = kernels.gka_decode(d32["q"], d32["k"], d32["v"], d32["beta"], d32["g"], d32["alpha"],
                                      jnp.asarray(kk), jnp.asarray(kv), num_iter=num_iter, ridge_strength=RIDGE,
                                      scale=SCALE, precision=HIGHEST, backend=backend, **options)
@@ -330,6 +352,9 @@ def time_reference_prefill(ref, xbf, num_iter):
 
 
 def section_decode(args, ref, copy_gbps):
+    """ms per step: "<variant> ms" is the GPU time (16 steps in one jitted loop, ``time_decode_loop``);
+    "call ms" one jitted call per step (dispatch included); the reference's "ref graph ms" replays a CUDA graph
+    of its step (no launch overhead, as vLLM runs decode) and "ref ms" launches it from Python."""
     batches = (1, 2) if args.smoke else (1, 32) if args.quick else (1, 32, 128)
     for b in batches:
         raw = make_inputs(5, b, 1, decode=True)
@@ -343,30 +368,42 @@ def section_decode(args, ref, copy_gbps):
                     continue
                 step = jax.jit(functools.partial(decode_step, backend=backend, num_iter=num_iter, options=options),
                                donate_argnums=(1, 2))
-                ms = time_decode(step, xbf, jnp.asarray(kk), jnp.asarray(kv))
+                ms = time_decode_loop(step, xbf, jnp.asarray(kk), jnp.asarray(kv))
                 row[f"{label} ms"] = ms
                 if copy_gbps:
                     row[f"{label} % of copy BW"] = 100 * bytes_moved / ms / 1e6 / copy_gbps
+                if label == DECODE_VARIANTS[0][0]:
+                    row["call ms"] = time_decode(step, xbf, jnp.asarray(kk), jnp.asarray(kv))
             if ref is not None:
                 try:
                     import torch
                     args_t = ref_args(xbf)
                     tk, tv = torch.tensor(kk, device="cuda"), torch.tensor(kv, device="cuda")
                     inp = ref.decode_inputs(*args_t, num_iter=num_iter)
-                    ms = ref.time_cuda(lambda: ref.decode_core(inp, tk, tv, num_iter=num_iter,
-                                                               ridge_strength=RIDGE, scale=SCALE), iters=20)
-                    row["ref ms"] = ms
-                    row["ref GB/s"] = bytes_moved / ms / 1e6
+
+                    def ref_step():
+                        return ref.decode_core(inp, tk, tv, num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE)
+                    for key, graph in (("ref graph ms", True), ("ref ms", False)):
+                        try:
+                            row[key] = ref.time_cuda(ref_step, iters=20, graph=graph)
+                        except Exception as exc:  # noqa: BLE001
+                            row[f"{key} failed"] = repr(exc)[:200]
+                    if "ref graph ms" in row and copy_gbps:
+                        row["ref % of copy BW"] = 100 * bytes_moved / row["ref graph ms"] / 1e6 / copy_gbps
                 except Exception as exc:  # noqa: BLE001
                     row["ref failed"] = repr(exc)[:300]
                     traceback.print_exc()
             record("decode", **row)
 
 
-# (label, backend, extra pallas_decode options); the first pallas row is the default.
+# (label, backend, extra options); the first row is the default GPU decode (the Gluon kernel where
+# jax-triton is installed, kernels.decode_kernel), then the Pallas split kernels and Gluon tunings.
 DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
-    ("fused sym w8", "pallas", {"split": False, "matvec": "sym", "num_warps": 8}),
+    ("pallas split", "pallas", {"kernel": "pallas"}),
+    ("gluon per item", "pallas", {"kernel": "gluon", "persistent": False}),
+    ("gluon persistent", "pallas", {"kernel": "gluon", "persistent": True}),
+    ("gluon persistent blocks 16", "pallas", {"kernel": "gluon", "persistent": True, "blocks": 16}),
     ("xla", "xla", {}),
 ]
 

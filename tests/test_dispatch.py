@@ -77,11 +77,12 @@ def test_model_forward_uses_pallas_on_gpu_and_xla_on_cpu(monkeypatch):
                                                           backend=None, last_only=False)
         return _primitives(jax.make_jaxpr(fn)(model.params, tokens, cache, valid).jaxpr)
 
+    gpu_kernels = {"pallas_call", "triton_kernel_call"}   # Pallas; the Gluon decode through jax-triton
     on_this = traced(64) | traced(1)
-    assert ("pallas_call" in on_this) == (jax.default_backend() == "gpu")
+    assert bool(on_this & gpu_kernels) == (jax.default_backend() == "gpu")
     monkeypatch.setattr(kernels, "_platform", lambda: "gpu")
     assert "pallas_call" in traced(64)
-    assert "pallas_call" in traced(1)
+    assert traced(1) & gpu_kernels
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU platform fakes them)")
@@ -135,3 +136,24 @@ def test_model_through_pallas_kernels_matches_goldens(tiny):
         ref_logits, ref_cache = model.prefill(ids, ref_cache, last_only=True)
         ref_step, _ = model.decode(jnp.argmax(ref_logits[:, 0], -1), ref_cache)
     assert rel(step, ref_step) < 1e-5
+
+
+def test_decode_kernel_choice():
+    """On a GPU the decode runs the Gluon kernel where it is installed and covers the shapes, else Pallas."""
+    def arrays(d, dv=None):
+        dv = dv or d
+        return (np.zeros((2, 8, d)), np.zeros((2, 2, d)), np.zeros((2, 2, dv)), np.zeros((2, 8, d, d)),
+                np.zeros((2, 8, d, dv)))
+
+    assert kernels.decode_kernel(*arrays(128), gluon_available=True) == "gluon"
+    assert kernels.decode_kernel(*arrays(128), gluon_available=False) == "pallas"
+    assert kernels.decode_kernel(*arrays(16), gluon_available=True) == "pallas"        # D < 32
+    assert kernels.decode_kernel(*arrays(64, 128), gluon_available=True) == "pallas"   # D != Dv
+    assert kernels.decode_kernel(*arrays(128), gluon_available=True, options={"split": False}) == "pallas"
+    assert kernels.decode_kernel(*arrays(128), kernel="pallas", gluon_available=True) == "pallas"
+    with pytest.raises(ValueError, match="covers D = Dv in"):
+        kernels.decode_kernel(*arrays(16), kernel="gluon", gluon_available=True)
+    with pytest.raises(ValueError, match="needs jax-triton"):
+        kernels.decode_kernel(*arrays(128), kernel="gluon", gluon_available=False)
+    with pytest.raises(ValueError, match="is not one of"):
+        kernels.decode_kernel(*arrays(128), kernel="cuda")

@@ -4,8 +4,10 @@
 (one token, states updated) have the signatures of the pure-JAX reference in ``reference.py``.
 
 Backends:
-  ``"pallas"``  Pallas GPU kernels (Triton lowering): ``pallas_chunk`` (state pass, GLA output),
-                ``pallas_solve`` (chunked Chebyshev solve), ``pallas_decode`` (in-place decode step).
+  ``"pallas"``  the GPU kernels: Pallas (Triton lowering) ``pallas_chunk`` (state pass, GLA output),
+                ``pallas_solve`` (chunked Chebyshev solve), and for the in-place decode step the Gluon kernel
+                ``gluon_decode`` where jax-triton is installed and it covers the shapes (``decode_kernel``),
+                else ``pallas_decode``.
   ``"xla"``     the pure-JAX chunked reference; runs everywhere and is the numerical oracle.
   ``"pallas_interpret"``  the Pallas kernels in interpret mode (any platform; slow: for tests and debugging).
 
@@ -25,13 +27,40 @@ from typing import NamedTuple
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from . import pallas_decode, pallas_prefill, reference
+from . import gluon_decode, pallas_decode, pallas_prefill, reference
 from .reference import HIGHEST, GKAResult
 
 BACKENDS = ("pallas", "xla", "pallas_interpret")
+DECODE_KERNELS = ("auto", "gluon", "pallas")
+_PALLAS_DECODE_OPTIONS = {"split", "matvec", "num_warps", "value_num_warps", "value_block"}
+
+
+def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluon_available=None) -> str:
+    """Which GPU decode kernel runs: ``kernel`` if not "auto"; else "gluon" (one fused Gluon kernel, faster
+    on an H200: docs/kernels.md) when jax-triton and Gluon are installed, the shapes are covered and no
+    Pallas-only ``options`` are given; else "pallas"."""
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {kernel!r} is not one of {DECODE_KERNELS}")
+    available = gluon_decode.AVAILABLE if gluon_available is None else gluon_available
+    covered = gluon_decode.supports(q, k, v, h_kk, h_kv)
+    if kernel == "gluon" and not (available and covered):
+        raise ValueError("the Gluon decode kernel " + ("needs jax-triton and triton with Gluon" if not available
+                         else f"covers D = Dv in {gluon_decode.HEAD_DIMS}; got q {q.shape}, v {v.shape}"))
+    if kernel == "auto":
+        kernel = "gluon" if available and covered and not set(options) & _PALLAS_DECODE_OPTIONS else "pallas"
+    return kernel
+
+
+def _gpu_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, kernel: str = "auto", **kwargs):
+    """The decode step on a GPU: the Gluon kernel or the Pallas kernels (``decode_kernel``)."""
+    if decode_kernel(q, k, v, h_kk, h_kv, kernel=kernel, options=kwargs) == "gluon":
+        return gluon_decode.gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
+    return pallas_decode.gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
+
+
 _PREFILL = {"xla": reference.gka_prefill, "pallas": pallas_prefill.gka_prefill,
             "pallas_interpret": functools.partial(pallas_prefill.gka_prefill, interpret=True)}
-_DECODE = {"xla": reference.gka_decode, "pallas": pallas_decode.gka_decode,
+_DECODE = {"xla": reference.gka_decode, "pallas": _gpu_decode,
            "pallas_interpret": functools.partial(pallas_decode.gka_decode, interpret=True)}
 _PALLAS = pallas_prefill.AVAILABLE and pallas_decode.AVAILABLE
 _AVAILABLE = {"xla": True, "pallas": _PALLAS, "pallas_interpret": _PALLAS}
@@ -149,5 +178,5 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, backend: str | PerShard |
     return _dispatch(_DECODE, arrays, _STEP_HEADS, backend, shapes_ok, kwargs)
 
 
-__all__ = ["BACKENDS", "GKAResult", "HIGHEST", "PerShard", "available_backends", "gka_decode", "gka_prefill",
+__all__ = ["BACKENDS", "DECODE_KERNELS", "GKAResult", "decode_kernel", "HIGHEST", "PerShard", "available_backends", "gka_decode", "gka_prefill",
            "select_backend"]

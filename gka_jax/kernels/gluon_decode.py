@@ -1,0 +1,243 @@
+"""Gluon GPU kernel for the one-token GKA decode step: one fused kernel, one program per (batch, head).
+
+Per (batch b, query head h), with kv head j = h // (H // Hkv), k = beta k_j, v = beta v_j (as
+``reference.gka_decode``):
+
+    H  = exp(g_kk) H + k k^T                 (h_kk [D, D], written back in place)
+    x  = Chebyshev(num_iter) solution of (H + ridge ||H||_F I) x = q   (``reference._chebyshev``)
+    q' = q + alpha (x - q)                   (alpha None: q' = x; num_iter 0: x = q)
+    S  = exp(g) S + k v^T                    (h_kv [D, Dv], written back in place)
+    o  = scale S^T q'
+
+Why Gluon: the step is a chain of num_iter matrix-vector products with the same [D, D] fp32 matrix, so its
+speed is the latency of one product. Gluon fixes the register layout, which the Pallas kernels
+(``pallas_decode``) leave to the compiler: here thread c of the program's D = 32 * num_warps threads holds
+column c of H (all D rows, D registers). Then
+
+    (H x)_c = sum_r H[r, c] x_r        (= (H^T x)_c: H is symmetric, see ``pallas_decode``'s "sym")
+
+is a sum inside one thread, kept as ``BLOCKS`` independent partial sums so that the fused multiply-adds
+pipeline; each thread computes the new iterate's element c, stores it to shared memory, and after one
+barrier every thread reads the whole iterate back (broadcast reads) for the next product. One barrier and
+no shuffles per iteration, where the Pallas solve needs a cross-warp reduction and two layout conversions.
+The two iterate buffers alternate, so one barrier per iteration is enough.
+
+Memory: every state element is read once and written once, in place (``input_output_aliases``; under
+``jax.jit(..., donate_argnums=...)`` no copy is made). A warp reads or writes 32 consecutive floats of one
+row at a time (coalesced). S is streamed after the solve in ``BLOCKS`` row blocks while H's registers are
+free. ``MAXNREG`` caps the registers per thread (ptxas) so that three programs share an SM and overlap one
+another's memory traffic with their solves.
+
+Covers D = Dv in {32, 64, 128} (one column per thread, 1 to 4 warps); ``supports`` says so, and the
+dispatcher uses the Pallas kernels for other shapes. GPU only (Gluon has no interpreter); the Pallas decode
+kernels are the interpret-mode and CI reference for the same math, and ``tests/test_gluon_decode.py``
+checks this kernel against the pure-JAX path and float64 on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .gluon_call import AVAILABLE, GLUON, triton_call
+from .reference import HIGHEST, GKAResult
+
+HEAD_DIMS = (32, 64, 128)
+DEFAULT_BLOCKS = 8        # independent partial sums per thread in each product
+DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
+DEFAULT_PERSISTENT = False   # one program per item measured faster on an H200 (docs/benchmarks.md)
+
+if GLUON:
+    from .gluon_call import async_copy, gl, gluon
+
+    @gluon.jit
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
+                       scale, ridge, num_items,
+                       o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
+                       NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
+                       BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
+                       HAS_G_KK: gl.constexpr, PREFETCH_H: gl.constexpr, MAXNREG: gl.constexpr):
+        W: gl.constexpr = gl.num_warps()
+        RB: gl.constexpr = D // BLOCKS
+        # H as [BLOCKS, RB, D]: thread c holds column c, rows split into BLOCKS partial sums.
+        L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB, 1], [1, 1, 32], [1, 1, W], [2, 1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(2, L3)                      # [BLOCKS, RB]: all of it in every thread
+        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L3))   # [D]: element c in thread c
+        # Copies to shared memory: 16 bytes per thread and instruction, a warp over whole rows.
+        VEC: gl.constexpr = 128 // h_kv_ptr.dtype.element_ty.primitive_bitwidth
+        COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [W, 1], [1, 0])
+        PLAIN: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+
+        rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
+                + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
+        cols = gl.arange(0, D, layout=COL)                                                # [D]
+        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 1)   # [BLOCKS, RB, D]
+        copy_square = (gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, COPY)), 1) * D
+                       + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [D, D]
+
+        # This program's items are pid, pid + P, ...; the next item's states are copied to shared memory
+        # while the current one is computed (PREFETCH_H: H too, else H is read straight into registers).
+        first = gl.program_id(0)
+        stride = gl.num_programs(0)
+        s_shared = gl.allocate_shared_memory(h_kv_ptr.dtype.element_ty, [D, D], PLAIN)
+        if PREFETCH_H:
+            h_shared = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [D, D], PLAIN)
+            _copy_state(h_shared, h_kk_ptr, first, num_items, copy_square, D)
+        _copy_state(s_shared, h_kv_ptr, first, num_items, copy_square, D)
+        iterate_a = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        iterate_b = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+
+        for item in range(first, num_items, stride):         # item = b * H + h
+            head = item % NUM_HEADS
+            kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
+            state = item.to(gl.int64) * (D * D)
+            beta = 1.0
+            if HAS_BETA:
+                beta = gl.load(beta_ptr + item).to(gl.float32)
+            g = gl.load(g_ptr + item).to(gl.float32)
+            g_kk = g
+            if HAS_G_KK:
+                g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
+
+            # H = exp(g_kk) H + k k^T, written back at once.
+            if PREFETCH_H:
+                async_copy.wait_group(1)                    # this item's H (its S may still be in flight)
+                gl.thread_barrier()
+                h = h_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)                                   # [BLOCKS, RB, D]
+                gl.thread_barrier()
+                _copy_state(h_shared, h_kk_ptr, item + stride, num_items, copy_square, D)
+            else:
+                h = gl.load(h_kk_ptr + state + square).to(gl.float32)
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
+            k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 1)
+            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
+
+            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
+            x = q
+            if NUM_ITER > 0:
+                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=1), axis=0), axis=0))
+                fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
+                lam = ridge * fro
+                step = 2.0 / (2.0 * lam + fro)
+                rho = fro / (2.0 * lam + fro) / 2.0
+                rho_sq_4 = rho * rho
+                x = step * q
+                x_prev = gl.zeros_like(x)
+                omega = 2.0
+                iterate_a.store(x)
+                for _ in range(NUM_ITER // 2):     # two iterations: a -> b, b -> a
+                    x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
+                                                       rho_sq_4, BLOCKS, RB, ROW)
+                    x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam, step,
+                                                       rho_sq_4, BLOCKS, RB, ROW)
+                if NUM_ITER % 2 == 1:
+                    x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
+                                                       rho_sq_4, BLOCKS, RB, ROW)
+            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
+            mixed = x
+            if HAS_ALPHA:
+                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+
+            # S = exp(g) S + k v^T and o = scale S^T q', from the copy of S in shared memory.
+            if PREFETCH_H:
+                async_copy.wait_group(1)                    # this item's S (the next item's H may be in flight)
+            else:
+                async_copy.wait_group(0)
+            gl.thread_barrier()
+            s = s_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)                                          # [BLOCKS, RB, D]
+            gl.thread_barrier()
+            _copy_state(s_shared, h_kv_ptr, item + stride, num_items, copy_square, D)
+            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
+            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 1)
+            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
+            iterate_b.store(mixed)                         # every thread reads all of q' back
+            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
+            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=1), axis=0)            # [D]
+            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+            gl.thread_barrier()                            # iterate buffers are reused by the next item
+
+    @gluon.jit
+    def _copy_state(buffer, state_ptr, item, num_items, copy_square, D: gl.constexpr):
+        """Start the asynchronous copy of state ``item`` [D, D] into ``buffer`` (nothing past the last item)."""
+        async_copy.async_copy_global_to_shared(buffer, state_ptr + item.to(gl.int64) * (D * D) + copy_square,
+                                               mask=(copy_square >= 0) & (item < num_items))
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _chebyshev_step(h, iterate_in, iterate_out, x, x_prev, omega, q, lam, step, rho_sq_4,
+                        BLOCKS: gl.constexpr, RB: gl.constexpr, ROW: gl.constexpr):
+        """One ``reference._chebyshev`` iteration: reads the iterate x from ``iterate_in`` (every thread all of
+        it), writes the next one to ``iterate_out``; returns (x', x, omega')."""
+        x_all = iterate_in.reshape([BLOCKS, RB]).load(ROW)                            # [BLOCKS, RB]
+        h_x = gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=1), axis=0)           # [D]: element c in thread c
+        omega = 1.0 / (1.0 - rho_sq_4 * omega)
+        residual = h_x + lam * x - q
+        x_next = omega * x - step * omega * residual - (omega - 1.0) * x_prev
+        iterate_out.store(x_next)
+        return x_next, x, omega
+
+
+def supports(q, k, v, h_kk, h_kv) -> bool:
+    """Shapes the kernel covers: D = Dv in ``HEAD_DIMS``, whole GQA groups."""
+    d, dv = q.shape[-1], v.shape[-1]
+    return d == dv and d in HEAD_DIMS and q.shape[1] % k.shape[1] == 0 and h_kk.shape[-2:] == (d, d) \
+        and h_kv.shape[-2:] == (d, dv)
+
+
+def _multiprocessors() -> int:
+    """Streaming multiprocessors of the first GPU (132 on an H100/H200 SXM when jax does not say)."""
+    try:
+        return int(jax.local_devices(backend="gpu")[0].core_count)
+    except (RuntimeError, AttributeError, IndexError, TypeError, ValueError):
+        return 132
+
+
+def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
+               precision=HIGHEST, persistent=None, blocks=None, maxnreg=None) -> GKAResult:
+    """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
+
+    q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
+    h_kk [B, H, D, D], h_kv [B, H, D, Dv] states (computed in float32, returned in their own dtype, written
+    in place when donated). ``precision`` is accepted for signature compatibility: every product is an fp32
+    multiply-add. Tuning: ``persistent`` (default ``DEFAULT_PERSISTENT``): one program per SM walking the
+    (b, h) items with both states of the next item prefetched into shared memory, else one program per item
+    (only S prefetched, several programs per SM); ``blocks`` (partial sums per thread, a power of 2 dividing
+    D; default ``DEFAULT_BLOCKS``); ``maxnreg`` (register cap per thread; default ``DEFAULT_MAXNREG`` for
+    one program per item, none when persistent; 0 for none).
+    Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
+    """
+    del precision
+    if not AVAILABLE:
+        raise RuntimeError("the Gluon decode kernel needs jax-triton and triton with Gluon")
+    if not supports(q, k, v, h_kk, h_kv):
+        raise ValueError(f"the Gluon decode kernel covers D = Dv in {HEAD_DIMS} and whole GQA groups; got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}, h_kk {h_kk.shape}, h_kv {h_kv.shape}")
+    batch, num_heads, d = q.shape
+    blocks = blocks or DEFAULT_BLOCKS
+    if d % blocks or blocks & (blocks - 1):
+        raise ValueError(f"blocks={blocks} must be a power of 2 dividing D={d}")
+    persistent = DEFAULT_PERSISTENT if persistent is None else persistent
+    maxnreg = (0 if persistent else DEFAULT_MAXNREG) if maxnreg is None else maxnreg
+    num_items = batch * num_heads
+    programs = min(num_items, _multiprocessors()) if persistent else num_items
+    g = g.astype(jnp.float32)
+    present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
+    o, x, h_kk, h_kv = triton_call(
+        q, k, v, present(beta), g, present(g_kk), present(alpha), h_kk, h_kv,
+        np.float32(scale), np.float32(ridge_strength), num_items,   # fp32 scalars (a Python float is fp64)
+        kernel=_decode_kernel,
+        out_shape=[jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
+                   jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
+                   jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
+                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],
+        grid=(programs,),
+        num_warps=d // 32,
+        input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)
+        name="gka_gluon_decode",
+        NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
+        HAS_BETA=beta is not None, HAS_ALPHA=alpha is not None, HAS_G_KK=g_kk is not None,
+        PREFETCH_H=bool(persistent), MAXNREG=maxnreg)
+    return GKAResult(o, x, h_kk, h_kv)
