@@ -44,7 +44,9 @@ from .gluon_call import AVAILABLE, GLUON, triton_call
 from .reference import HIGHEST, GKAResult
 
 HEAD_DIMS = (32, 64, 128)
-DEFAULT_BLOCKS = 8        # independent partial sums per thread in each product
+DEFAULT_BLOCKS = 4        # row blocks of H: independent partial sums per thread in each product
+DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (4: 16-byte accesses)
+LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 DEFAULT_PERSISTENT = False   # one program per item measured faster on an H200 (docs/benchmarks.md)
 
@@ -57,13 +59,16 @@ if GLUON:
                        o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
                        NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                        BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                       HAS_G_KK: gl.constexpr, PREFETCH_H: gl.constexpr, MAXNREG: gl.constexpr):
+                       HAS_G_KK: gl.constexpr, PREFETCH_H: gl.constexpr, LANES: gl.constexpr,
+                       MAXNREG: gl.constexpr):
         W: gl.constexpr = gl.num_warps()
         RB: gl.constexpr = D // BLOCKS
-        # H as [BLOCKS, RB, D]: thread c holds column c, rows split into BLOCKS partial sums.
-        L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB, 1], [1, 1, 32], [1, 1, W], [2, 1, 0])
-        ROW: gl.constexpr = gl.SliceLayout(2, L3)                      # [BLOCKS, RB]: all of it in every thread
-        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L3))   # [D]: element c in thread c
+        # H as [BLOCKS, RB, D]: a thread holds LANES adjacent columns (16-byte accesses at LANES = 4) in the
+        # rows of its row lane (LANES lanes share the rows of a block).
+        L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB // LANES, LANES], [1, LANES, 32 // LANES], [1, 1, W],
+                                            [2, 1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(2, L3)                      # [BLOCKS, RB]: a thread's rows
+        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))   # [D]: a thread's columns
         # Copies to shared memory: 16 bytes per thread and instruction, a warp over whole rows.
         VEC: gl.constexpr = 128 // h_kv_ptr.dtype.element_ty.primitive_bitwidth
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [W, 1], [1, 0])
@@ -72,7 +77,7 @@ if GLUON:
         rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
-        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 1)   # [BLOCKS, RB, D]
+        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
         copy_square = (gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, COPY)), 1) * D
                        + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [D, D]
 
@@ -111,13 +116,13 @@ if GLUON:
                 h = gl.load(h_kk_ptr + state + square).to(gl.float32)
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 1)
+            h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
 
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
             x = q
             if NUM_ITER > 0:
-                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=1), axis=0), axis=0))
+                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
                 fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
                 lam = ridge * fro
                 step = 2.0 / (2.0 * lam + fro)
@@ -151,11 +156,11 @@ if GLUON:
             _copy_state(s_shared, h_kv_ptr, item + stride, num_items, copy_square, D)
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
-            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 1)
+            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
             gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
             iterate_b.store(mixed)                         # every thread reads all of q' back
             mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
-            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=1), axis=0)            # [D]
+            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
             gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
             gl.thread_barrier()                            # iterate buffers are reused by the next item
 
@@ -172,7 +177,7 @@ if GLUON:
         """One ``reference._chebyshev`` iteration: reads the iterate x from ``iterate_in`` (every thread all of
         it), writes the next one to ``iterate_out``; returns (x', x, omega')."""
         x_all = iterate_in.reshape([BLOCKS, RB]).load(ROW)                            # [BLOCKS, RB]
-        h_x = gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=1), axis=0)           # [D]: element c in thread c
+        h_x = gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=0), axis=0)   # [D]: blocks first, then the rows
         omega = 1.0 / (1.0 - rho_sq_4 * omega)
         residual = h_x + lam * x - q
         x_next = omega * x - step * omega * residual - (omega - 1.0) * x_prev
@@ -196,7 +201,7 @@ def _multiprocessors() -> int:
 
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
-               precision=HIGHEST, persistent=None, blocks=None, maxnreg=None) -> GKAResult:
+               precision=HIGHEST, persistent=None, blocks=None, lanes=None, maxnreg=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -205,7 +210,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     multiply-add. Tuning: ``persistent`` (default ``DEFAULT_PERSISTENT``): one program per SM walking the
     (b, h) items with both states of the next item prefetched into shared memory, else one program per item
     (only S prefetched, several programs per SM); ``blocks`` (partial sums per thread, a power of 2 dividing
-    D; default ``DEFAULT_BLOCKS``); ``maxnreg`` (register cap per thread; default ``DEFAULT_MAXNREG`` for
+    D; default ``DEFAULT_BLOCKS``); ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``);
+    ``maxnreg`` (register cap per thread; default ``DEFAULT_MAXNREG`` for
     one program per item, none when persistent; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
@@ -216,9 +222,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"the Gluon decode kernel covers D = Dv in {HEAD_DIMS} and whole GQA groups; got "
                          f"q {q.shape}, k {k.shape}, v {v.shape}, h_kk {h_kk.shape}, h_kv {h_kv.shape}")
     batch, num_heads, d = q.shape
-    blocks = blocks or DEFAULT_BLOCKS
-    if d % blocks or blocks & (blocks - 1):
-        raise ValueError(f"blocks={blocks} must be a power of 2 dividing D={d}")
+    blocks, lanes = blocks or DEFAULT_BLOCKS, lanes or DEFAULT_LANES
+    if lanes not in LANES:
+        raise ValueError(f"lanes={lanes} is not one of {LANES}")
+    if blocks & (blocks - 1) or d % (blocks * lanes):
+        raise ValueError(f"blocks={blocks} must be a power of 2 with blocks * lanes ({lanes}) dividing D={d}")
     persistent = DEFAULT_PERSISTENT if persistent is None else persistent
     maxnreg = (0 if persistent else DEFAULT_MAXNREG) if maxnreg is None else maxnreg
     num_items = batch * num_heads
@@ -239,5 +247,5 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         name="gka_gluon_decode",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
         HAS_BETA=beta is not None, HAS_ALPHA=alpha is not None, HAS_G_KK=g_kk is not None,
-        PREFETCH_H=bool(persistent), MAXNREG=maxnreg)
+        PREFETCH_H=bool(persistent), LANES=lanes, MAXNREG=maxnreg)
     return GKAResult(o, x, h_kk, h_kv)
