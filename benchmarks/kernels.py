@@ -209,6 +209,7 @@ VARIANTS = {
     "state block_v 32": _state(block_v=32),
     "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
     "solve: masked loop only": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "loop": "masked"}},
+    "state pass bf16 operands": _state(operand_dtype="bfloat16"),
 }
 
 
@@ -313,6 +314,8 @@ def section_prefill(args, ref):
                 row[f"ours {name}"] = time_jax(fn, *fargs)
             if not args.smoke and num_iter == 30 and not args.no_variants:
                 for variant, tuning in VARIANTS.items():
+                    if args.variants and variant not in args.variants.split(","):
+                        continue
                     merged = {**pallas_prefill.GPU_TUNING, **tuning}
                     fn = jax.jit(functools.partial(prefill_fns(num_iter, jax.lax.Precision.DEFAULT, merged), PALLAS))
                     try:
@@ -504,6 +507,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--lengths", default="4096,16384", help="prefill lengths T")
     parser.add_argument("--no-variants", action="store_true", help="skip the prefill tuning variants")
+    parser.add_argument("--variants", default="", help="comma-separated names: only these prefill variants")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of this script: tiny shapes, Pallas in interpret mode, no reference")
     args = parser.parse_args()

@@ -211,3 +211,25 @@ def test_lowers_for_gpu(gates):
     lowered = jax.jit(run).trace(jax.ShapeDtypeStruct((b, t, h, d), f32), k, k, gate, g, gate, state, state,
                                  starts).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 9
+
+
+def test_bf16_update_operands():
+    """``operand_dtype=bfloat16`` rounds the weighted keys and the values to bf16 for the update dot (the
+    reference's chunk kernels do so; fp32 accumulation): chunk starts and final states stay within bf16
+    rounding (<= 4e-3) of the fp32-operand pass, which matches float64 to 1e-4 (test above)."""
+    d, chunk, t = 32, 16, 100
+    inp = make_inputs(seed=23, b=2, t=t, h=4, hkv=2, d=d, with_state=True)
+
+    @jax.jit
+    def run(k, v, beta, g, h_kk, h_kv):
+        common = dict(chunk_size=chunk, interpret=INTERPRET)
+        fp32 = pallas_chunk.state_pass_segmented(k, v, beta, g, None, h_kk, h_kv, **common)
+        bf16 = pallas_chunk.state_pass_segmented(k, v, beta, g, None, h_kk, h_kv, operand_dtype=jnp.bfloat16,
+                                                 **common)
+        return fp32, bf16
+
+    (starts32, finals32), (starts16, finals16) = run(inp["k"], inp["v"], inp["beta"], inp["g"], inp["h_kk"],
+                                                     inp["h_kv"])
+    for got, want in zip(finals16 + tuple(s.starts for s in starts16), finals32 + tuple(s.starts for s in starts32)):
+        assert got.dtype == want.dtype == jnp.float32
+        assert 0 < rel(got, want) < TOL_BF16_STARTS

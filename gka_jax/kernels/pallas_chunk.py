@@ -145,7 +145,7 @@ def fixed_start(start_ref, carry_ref=None, decay_ref=None):
 
 
 def _state_pass_kernel(*refs, chunk, segment_chunks, block_k, block_v, num_kk_blocks, kk_only, has_g_kk,
-                       precision):
+                       precision, operand_dtype):
     refs = list(refs)
     k_ref = refs.pop(0)                             # [Tp, D] (this kv head)
     v_ref = None if kk_only else refs.pop(0)        # [Tp, Dv]
@@ -165,7 +165,7 @@ def _state_pass_kernel(*refs, chunk, segment_chunks, block_k, block_v, num_kk_bl
             keys = k_ref[rows, pl.ds(row0, block_k)].astype(F32) * weight_ref[rows][:, None]   # [C, BK]
             values = values_ref[rows, pl.ds(col0, block_v)].astype(F32)                      # [C, BV]
             decay = jnp.sum(decay_ref[pl.ds(n, 1)])                  # exp(chunk gate sum), a scalar
-            return decay * state + _dot(keys.T, values, precision)
+            return decay * state + _dot(keys.T, values, precision, operand_dtype)
 
         init = jnp.where(segment == 0, init_ref[...].astype(F32), 0.0)   # later segments start from zero
         end_ref[...] = jax.lax.fori_loop(0, segment_chunks, body, init)
@@ -223,7 +223,7 @@ def state_pass(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HI
 
 def state_pass_segmented(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, precision=HIGHEST,
                          interpret=False, block_v=None, block_k=None, num_warps=None, num_stages=None,
-                         kk_only=False, starts_dtype=F32, segment_chunks=None):
+                         kk_only=False, starts_dtype=F32, segment_chunks=None, operand_dtype=F32):
     """``state_pass`` with its chunk walk cut into segments that run in parallel.
 
     Arguments as ``state_pass``. Returns ((Segmented of h_kk[, Segmented of h_kv]), (h_kk_final[,
@@ -240,7 +240,9 @@ def state_pass_segmented(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, pr
     per step instead of 13 (offline sm_90a compile), 0.89 against 1.05 ms at T = 16K on an H200.
     Tunables (defaults are untuned starting points): block_v (default
     min(64, D, Dv)), block_k (default D; D / 2 doubles the programs), num_warps (default 4), num_stages
-    (default 2; software pipelining of the chunk loop's loads).
+    (default 2; software pipelining of the chunk loop's loads). ``operand_dtype`` of the update dot: float32
+    (default; TF32 or IEEE by ``precision``, the carried state keeps that accuracy) or bfloat16 (the weighted
+    keys and the values rounded to bf16 as the reference's chunk kernels do; fp32 accumulation).
     """
     b, t, num_kv_heads, d = k.shape
     dv = d if kk_only else v.shape[-1]
@@ -296,7 +298,7 @@ def state_pass_segmented(k, v, beta, g, g_kk, h_kk0, h_kv0, *, chunk_size=64, pr
     kernel = functools.partial(
         _state_pass_kernel, chunk=chunk_size, segment_chunks=seg_len, block_k=block_k, block_v=block_v,
         num_kk_blocks=num_kk_blocks, kk_only=kk_only, has_g_kk=not kk_only and g_kk is not None,
-        precision=precision)
+        precision=precision, operand_dtype=jnp.dtype(operand_dtype))
     outs = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(num_warps, num_stages, interpret), interpret=interpret,
