@@ -358,8 +358,9 @@ def time_reference_prefill(ref, xbf, num_iter):
 
 def section_decode(args, ref, copy_gbps):
     """ms per step: "<variant> ms" is the GPU time (16 steps in one jitted loop, ``time_decode_loop``; the
-    XLA path per call, see below); "call ms" one jitted call per step of the default (dispatch included); the reference's "ref graph ms" replays a CUDA graph
-    of its step (no launch overhead, as vLLM runs decode) and "ref ms" launches it from Python."""
+    XLA path per call, see below); "call ms" one jitted call per step of the default (dispatch included);
+    the reference's "ref graph ms" replays a CUDA graph of its step (no launch overhead, as vLLM runs
+    decode) and "ref ms" launches it from Python."""
     batches = (1, 2) if args.smoke else (1, 32) if args.quick else (1, 32, 128)
     for b in batches:
         raw = make_inputs(5, b, 1, decode=True)

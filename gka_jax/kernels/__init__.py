@@ -178,5 +178,5 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, backend: str | PerShard |
     return _dispatch(_DECODE, arrays, _STEP_HEADS, backend, shapes_ok, kwargs)
 
 
-__all__ = ["BACKENDS", "DECODE_KERNELS", "GKAResult", "decode_kernel", "HIGHEST", "PerShard", "available_backends", "gka_decode", "gka_prefill",
-           "select_backend"]
+__all__ = ["BACKENDS", "DECODE_KERNELS", "GKAResult", "HIGHEST", "PerShard", "available_backends", "decode_kernel",
+           "gka_decode", "gka_prefill", "select_backend"]

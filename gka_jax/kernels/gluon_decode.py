@@ -10,25 +10,30 @@ Per (batch b, query head h), with kv head j = h // (H // Hkv), k = beta k_j, v =
     o  = scale S^T q'
 
 Why Gluon: the step is a chain of num_iter matrix-vector products with the same [D, D] fp32 matrix, so its
-speed is the latency of one product. Gluon fixes the register layout, which the Pallas kernels
-(``pallas_decode``) leave to the compiler: here thread c of the program's D = 32 * num_warps threads holds
-column c of H (all D rows, D registers). Then
+speed is the latency of one product, and it must move H and S at memory speed in between. Gluon fixes the
+register layout, which the Pallas kernels (``pallas_decode``) leave to the compiler. Here H is held in
+registers as [BLOCKS, D / BLOCKS, D]: each of the program's D / 32 warps owns 32 columns, a thread holds
+LANES adjacent columns (``LANES`` = 4: 16-byte loads and stores) in the rows of its row lane (LANES lanes
+share a column block's rows). Then
 
     (H x)_c = sum_r H[r, c] x_r        (= (H^T x)_c: H is symmetric, see ``pallas_decode``'s "sym")
 
-is a sum inside one thread, kept as ``BLOCKS`` independent partial sums so that the fused multiply-adds
-pipeline; each thread computes the new iterate's element c, stores it to shared memory, and after one
-barrier every thread reads the whole iterate back (broadcast reads) for the next product. One barrier and
-no shuffles per iteration, where the Pallas solve needs a cross-warp reduction and two layout conversions.
-The two iterate buffers alternate, so one barrier per iteration is enough.
+is a sum inside the thread (BLOCKS independent partial sums, so that the fused multiply-adds pipeline)
+followed by log2(LANES) shuffle rounds across the row lanes. Each thread then computes its elements of the
+next iterate, stores them to shared memory, and after one barrier reads back the iterate's elements of its
+rows (broadcast reads) for the next product: one barrier and 2 x LANES shuffles per iteration, where the
+Pallas solve needs a cross-warp reduction and two layout conversions (7 barriers). The two iterate buffers
+alternate, so one barrier per iteration is enough.
 
 Memory: every state element is read once and written once, in place (``input_output_aliases``; under
-``jax.jit(..., donate_argnums=...)`` no copy is made). A warp reads or writes 32 consecutive floats of one
-row at a time (coalesced). S is streamed after the solve in ``BLOCKS`` row blocks while H's registers are
-free. ``MAXNREG`` caps the registers per thread (ptxas) so that three programs share an SM and overlap one
-another's memory traffic with their solves.
+``jax.jit(..., donate_argnums=...)`` no copy is made), with 16-byte coalesced accesses. S is copied to
+shared memory asynchronously (cp.async) when the program starts and is read from there after the solve, so
+its load overlaps the solve. ``MAXNREG`` caps the registers per thread (ptxas) so that three programs (64 KiB
+of shared memory each) share an SM and overlap one another's memory traffic with their solves. The
+``persistent`` form (one program per SM walking the items, with both states of the next item prefetched)
+measured slower (docs/benchmarks.md) and is kept as an option.
 
-Covers D = Dv in {32, 64, 128} (one column per thread, 1 to 4 warps); ``supports`` says so, and the
+Covers D = Dv in {32, 64, 128} (1 to 4 warps); ``supports`` says so, and the
 dispatcher uses the Pallas kernels for other shapes. GPU only (Gluon has no interpreter); the Pallas decode
 kernels are the interpret-mode and CI reference for the same math, and ``tests/test_gluon_decode.py``
 checks this kernel against the pure-JAX path and float64 on a GPU.
@@ -109,7 +114,7 @@ if GLUON:
             if PREFETCH_H:
                 async_copy.wait_group(1)                    # this item's H (its S may still be in flight)
                 gl.thread_barrier()
-                h = h_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)                                   # [BLOCKS, RB, D]
+                h = h_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)       # [BLOCKS, RB, D]
                 gl.thread_barrier()
                 _copy_state(h_shared, h_kk_ptr, item + stride, num_items, copy_square, D)
             else:
@@ -151,7 +156,7 @@ if GLUON:
             else:
                 async_copy.wait_group(0)
             gl.thread_barrier()
-            s = s_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)                                          # [BLOCKS, RB, D]
+            s = s_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)           # [BLOCKS, RB, D]
             gl.thread_barrier()
             _copy_state(s_shared, h_kv_ptr, item + stride, num_items, copy_square, D)
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
