@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pallas_decode import NAMES, STATES, assert_close, decode_inputs, run, run_oracle
+from test_pallas_decode import NAMES, STATES, assert_close, case_and_expected, decode_inputs, run, run_oracle
 
 from gka_jax import kernels
 from gka_jax.kernels import gluon_decode, reference
@@ -37,10 +37,10 @@ def run_gluon(args, num_iter, **options):
     (128, 1, 10, False, False, False),
 ])
 def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, g_kk):
-    args = decode_inputs(d + 7 * hkv + num_iter, d=d, hkv=hkv, no_beta=no_beta, no_alpha=no_alpha, g_kk=g_kk)
+    args, want, want_fp64 = case_and_expected(d, hkv, num_iter, no_beta, no_alpha, g_kk)
     got = run_gluon(args, num_iter)
-    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
-    assert_close(got, run_oracle(args, num_iter), 1e-4)
+    assert_close(got, want, 1e-5)
+    assert_close(got, want_fp64, 1e-4)
 
 
 @pytest.mark.parametrize("persistent, blocks, lanes, maxnreg", [(False, 8, 1, None), (True, 4, 4, 0),
