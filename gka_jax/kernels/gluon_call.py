@@ -31,7 +31,9 @@ _cache_dir = os.environ.get("TRITON_CACHE_DIR")
 try:  # jax-triton: needed to call them from JAX (it imports only with a CUDA jaxlib)
     import jax_triton
     from jax_triton import triton_lib
-    AVAILABLE = GLUON
+    # The adapter wraps jax-triton 0.3's kernel-building function; other releases (0.4 has its own Gluon
+    # support, with another call signature) are not used, so the dispatcher keeps the Pallas decode there.
+    AVAILABLE = GLUON and tuple(jax_triton.__version_info__[:2]) == (0, 3)
 except ImportError:
     AVAILABLE = False
 finally:  # importing jax-triton empties TRITON_CACHE_DIR, which breaks other Triton users (torch)
