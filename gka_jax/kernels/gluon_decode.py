@@ -163,7 +163,7 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
             gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
-            iterate_b.store(mixed)                         # every thread reads all of q' back
+            iterate_b.store(mixed)                         # each thread reads q' back at its rows
             mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
             gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
@@ -179,8 +179,8 @@ if GLUON:
     @gluon.jit
     def _chebyshev_step(h, iterate_in, iterate_out, x, x_prev, omega, q, lam, step, rho_sq_4,
                         BLOCKS: gl.constexpr, RB: gl.constexpr, ROW: gl.constexpr):
-        """One ``reference._chebyshev`` iteration: reads the iterate x from ``iterate_in`` (every thread all of
-        it), writes the next one to ``iterate_out``; returns (x', x, omega')."""
+        """One ``reference._chebyshev`` iteration: reads the iterate x from ``iterate_in`` (each thread the
+        elements of its rows), writes the next one to ``iterate_out``; returns (x', x, omega')."""
         x_all = iterate_in.reshape([BLOCKS, RB]).load(ROW)                            # [BLOCKS, RB]
         h_x = gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=0), axis=0)   # [D]: blocks first, then the rows
         omega = 1.0 / (1.0 - rho_sq_4 * omega)
