@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gka_jax import kernels  # noqa: E402
-from gka_jax.kernels import pallas_chunk, pallas_decode, pallas_prefill, pallas_solve, reference  # noqa: E402
+from gka_jax.kernels import gluon_solve, pallas_chunk, pallas_decode, pallas_prefill, pallas_solve, reference  # noqa: E402,E501
 
 HIGHEST = jax.lax.Precision.HIGHEST
 RIDGE = 0.02
@@ -173,7 +173,7 @@ def pieces_pallas(x, num_iter, precision, tuning=None):
     fused = {} if INTERPRET else pallas_prefill._fit_blocks(pallas_prefill.FUSED_GLA, D, D)
 
     def opts(table, name):
-        return {k: v for k, v in table.get(name, {}).items() if k != "fused"}
+        return {k: v for k, v in table.get(name, {}).items() if k not in ("fused", "kernel")}
 
     state = jax.jit(lambda x: pallas_chunk.state_pass_segmented(
         x["k"], x["v"], x["beta"], x["g"], None, zeros_kk, zeros_kk, starts_dtype=operands, **common,
@@ -183,6 +183,12 @@ def pieces_pallas(x, num_iter, precision, tuning=None):
         x["q"], x["k"], x["beta"], x["g"], s, num_iter=num_iter, ridge_strength=RIDGE, alpha=x["alpha"],
         x_dtype=x["q"].dtype, mixed_dtype=operands, operand_dtype=operands, **common, **opts(tune, "solve")))
     _, q_mixed = solve(x, kk_starts)
+    pieces = {}
+    if not INTERPRET and gluon_solve.AVAILABLE:   # the default solve on a GPU (pallas_prefill.solve_kernel)
+        gluon = jax.jit(lambda x, s: gluon_solve.chebyshev_solve(
+            x["q"], x["k"], x["beta"], x["g"], s, num_iter=num_iter, ridge_strength=RIDGE, alpha=x["alpha"],
+            x_dtype=x["q"].dtype, mixed_dtype=operands))
+        pieces["solve (gluon)"] = (gluon, (x, kk_starts))
     output = jax.jit(lambda x, qm, s: pallas_chunk.gla_output(
         qm, x["k"], x["v"], x["beta"], x["g"], s, scale=SCALE, operand_dtype=operands, out_dtype=x["q"].dtype,
         **common, **opts(tune, "gla")))
@@ -192,7 +198,7 @@ def pieces_pallas(x, num_iter, precision, tuning=None):
     gla = jax.jit(lambda x, qm: pallas_chunk.gla_fused(
         qm, x["k"], x["v"], x["beta"], x["g"], zeros_kk, scale=SCALE, operand_dtype=operands,
         out_dtype=x["q"].dtype, **common, **opts(fused, "gla")))
-    return {"state_pass": (state, (x,)), "solve": (solve, (x, kk_starts)),
+    return {"state_pass": (state, (x,)), **pieces, "solve (pallas)": (solve, (x, kk_starts)),
             "gla_output": (output, (x, q_mixed, kv_starts)), "fused path: kk state pass": (kk_pass, (x,)),
             "fused path: gla_fused": (gla, (x, q_mixed))}
 
@@ -208,7 +214,9 @@ VARIANTS = {
     "segments of 64": _state(segment_chunks=64),
     "state block_v 32": _state(block_v=32),
     "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
-    "solve: masked loop only": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "loop": "masked"}},
+    "solve: pallas": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "kernel": "pallas"}},
+    "solve: pallas masked loop only": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "kernel": "pallas",
+                                                 "loop": "masked"}},
     "state pass bf16 operands": _state(operand_dtype="bfloat16"),
 }
 
@@ -243,6 +251,10 @@ def section_errors(args, ref):
         }
         runs["pallas bf16 act, DEFAULT"] = jax.jit(prefill_fns(num_iter, jax.lax.Precision.DEFAULT),
                                                 static_argnums=0)(PALLAS, xbf, zeros, zeros)
+        pallas_solve_tuning = {**pallas_prefill.GPU_TUNING, "solve": {"kernel": "pallas"}}
+        runs["pallas bf16 act, DEFAULT, Pallas solve"] = jax.jit(
+            prefill_fns(num_iter, jax.lax.Precision.DEFAULT, pallas_solve_tuning), static_argnums=0)(
+                PALLAS, xbf, zeros, zeros)
         if ref is not None:
             for name, fn in (("reference training bf16", ref.prefill), ("reference vLLM bf16", ref.vllm_prefill)):
                 try:
@@ -250,7 +262,8 @@ def section_errors(args, ref):
                     runs[name] = reference.GKAResult(*(np.asarray(a.float().cpu()) for a in (o, xs, h_kk, h_kv)))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     record("errors", what=name, failed=repr(exc)[:300])
-        bf16_inputs = {"pallas bf16 act, DEFAULT", "reference training bf16", "reference vLLM bf16"}
+        bf16_inputs = {"pallas bf16 act, DEFAULT", "pallas bf16 act, DEFAULT, Pallas solve", "reference training bf16",
+                       "reference vLLM bf16"}
         for name, res in runs.items():
             want = want_bf if name in bf16_inputs else want32
             record("errors", what=f"prefill {name}", num_iter=num_iter, B=b, T=t,

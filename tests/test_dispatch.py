@@ -157,3 +157,39 @@ def test_decode_kernel_choice():
         kernels.decode_kernel(*arrays(128), kernel="gluon", gluon_available=False)
     with pytest.raises(ValueError, match="is not one of"):
         kernels.decode_kernel(*arrays(128), kernel="cuda")
+
+
+def test_solve_kernel_choice():
+    """The prefill solve runs the Gluon kernel for bf16 dot operands where it is installed and covers the
+    shapes (C = 64, D in 64/128, one-segment starts), else the Pallas solve."""
+    from gka_jax.kernels import pallas_chunk, pallas_prefill
+
+    def arrays(d, chunks=3):
+        return np.zeros((1, 150, 8, d)), np.zeros((1, 150, 2, d)), np.zeros((1, 8, chunks, d, d))
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    def choice(*arrs, kernel="auto", chunk_size=64, operand_dtype=bf16, interpret=False, available=True):
+        return pallas_prefill.solve_kernel(*arrs, kernel=kernel, chunk_size=chunk_size, operand_dtype=operand_dtype,
+                                           interpret=interpret, gluon_available=available)
+
+    assert choice(*arrays(128)) == "gluon"
+    assert choice(*arrays(64)) == "gluon"
+    assert choice(*arrays(128), available=False) == "pallas"
+    assert choice(*arrays(128), operand_dtype=f32) == "pallas"     # TF32 / IEEE operands
+    assert choice(*arrays(128), interpret=True) == "pallas"
+    assert choice(*arrays(32)) == "pallas"                           # D not covered
+    assert choice(*arrays(128, chunks=5), chunk_size=32) == "pallas"
+    q, k, starts = arrays(128)
+    one_segment = pallas_chunk.Segmented(starts, None, None, 3, 3)
+    two_segments = pallas_chunk.Segmented(np.zeros((1, 8, 4, 128, 128)), np.zeros((1, 8, 2, 128, 128)),
+                                          np.zeros((1, 8, 4)), 2, 3)
+    assert choice(q, k, one_segment) == "gluon"
+    assert choice(q, k, two_segments) == "pallas"                   # fix-up on load: Pallas only
+    assert choice(*arrays(128), kernel="pallas") == "pallas"
+    with pytest.raises(ValueError, match="bf16 dot operands only"):
+        choice(*arrays(128), kernel="gluon", operand_dtype=f32)
+    with pytest.raises(ValueError, match="needs jax-triton"):
+        choice(*arrays(128), kernel="gluon", available=False)
+    with pytest.raises(ValueError, match="is not one of"):
+        choice(*arrays(128), kernel="cuda")

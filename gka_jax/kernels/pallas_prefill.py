@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ..numerics import upcast
-from . import pallas_chunk, pallas_solve, reference
+from . import gluon_solve, pallas_chunk, pallas_solve, reference
 from .reference import HIGHEST, GKAResult
 
 AVAILABLE = pallas_chunk.AVAILABLE and pallas_solve.AVAILABLE
@@ -51,13 +51,39 @@ def supports(q, k, v, *, chunk_size: int = 64) -> bool:
 # pass was the fastest in two runs at 16K (4.68 / 4.51 ms against 4.64-4.88 for segments of 16, 32, 64
 # chunks), so segments are off by default; ``{"state_pass": {"segment_chunks": L}}`` turns them on.
 GPU_TUNING = {
-    "solve": {"num_warps": 4, "num_stages": 1},
+    "solve": {"kernel": "auto", "num_warps": 4, "num_stages": 1},
     "state_pass": {"block_v": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "segment_chunks": None},
     "gla": {"fused": False, "block_v": 128, "num_warps": 4, "num_stages": 1},
 }
 # The fused alternative: kk-only state pass, then gla_fused carries h_kv through the chunks in registers.
 FUSED_GLA = {"state_pass": {"block_v": 32, "block_k": 128, "num_warps": 4, "num_stages": 2},
              "gla": {"fused": True, "block_v": 32, "num_warps": 4, "num_stages": 2}}
+
+
+SOLVE_KERNELS = ("auto", "gluon", "pallas")
+
+
+def solve_kernel(q, k, starts, *, kernel: str = "auto", chunk_size: int, operand_dtype, interpret: bool,
+                 gluon_available=None) -> str:
+    """Which solve kernel runs: ``kernel`` if not "auto"; else "gluon" (``gluon_solve``, asynchronous wgmma;
+    faster on an H200: docs/kernels.md) for bf16 dot operands (the DEFAULT precision) when jax-triton and
+    Gluon are installed, not in interpret mode, and the shapes are covered (C = 64, D in 64/128, unsegmented
+    starts); else "pallas" (``pallas_solve``, which also runs TF32/IEEE operands and interpret mode)."""
+    if kernel not in SOLVE_KERNELS:
+        raise ValueError(f"solve kernel {kernel!r} is not one of {SOLVE_KERNELS}")
+    available = gluon_solve.AVAILABLE if gluon_available is None else gluon_available
+    reasons = [why for bad, why in (
+        (not available, "needs jax-triton and triton with Gluon"),
+        (interpret, "has no interpret mode"),
+        (jnp.dtype(operand_dtype) != jnp.bfloat16, "takes bf16 dot operands only (precision DEFAULT)"),
+        (not gluon_solve.supports(q, k, starts, chunk_size=chunk_size),
+         f"covers chunk_size {gluon_solve.CHUNK}, D in {gluon_solve.HEAD_DIMS} and unsegmented starts"),
+    ) if bad]
+    if kernel == "gluon" and reasons:
+        raise ValueError(f"the Gluon solve kernel {reasons[0]}; got q {q.shape}, chunk_size={chunk_size}")
+    if kernel == "auto":
+        kernel = "pallas" if reasons else "gluon"
+    return kernel
 
 
 def _kernel_precision(precision):
@@ -90,10 +116,18 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
             k, v, beta, g, g_kk, upcast(h_kk), upcast(h_kv), starts_dtype=operands, **common,
             **tuning.get("state_pass", {}))
     if num_iter > 0:   # x and q' = q + alpha (x - q) from the solve kernel
-        x, q_mixed = pallas_solve.chebyshev_solve(
-            q, k, beta, g if g_kk is None else g_kk, kk_starts, num_iter=num_iter, ridge_strength=ridge_strength,
-            alpha=alpha, x_dtype=q.dtype, mixed_dtype=operands, operand_dtype=operands, **common,
-            **tuning.get("solve", {}))
+        solve_opts = dict(tuning.get("solve", {}))
+        which = solve_kernel(q, k, kk_starts, kernel=solve_opts.pop("kernel", "auto"), chunk_size=chunk_size,
+                             operand_dtype=operands, interpret=interpret)
+        solve_args = (q, k, beta, g if g_kk is None else g_kk, kk_starts)
+        if which == "gluon":
+            x, q_mixed = gluon_solve.chebyshev_solve(
+                *solve_args, num_iter=num_iter, ridge_strength=ridge_strength, chunk_size=chunk_size, alpha=alpha,
+                x_dtype=q.dtype, mixed_dtype=operands)
+        else:
+            x, q_mixed = pallas_solve.chebyshev_solve(
+                *solve_args, num_iter=num_iter, ridge_strength=ridge_strength, alpha=alpha, x_dtype=q.dtype,
+                mixed_dtype=operands, operand_dtype=operands, **common, **solve_opts)
     else:              # x = q, so q' = q
         x = q
         q_mixed = q.astype(operands)
