@@ -424,6 +424,7 @@ DECODE_VARIANTS = [
     ("pallas split", "pallas", {"kernel": "pallas"}),
     ("gluon lanes 1 blocks 8", "pallas", {"kernel": "gluon", "lanes": 1, "blocks": 8}),
     ("gluon persistent", "pallas", {"kernel": "gluon", "persistent": True}),
+    ("gluon early value", "pallas", {"kernel": "gluon", "early_value": True}),
     ("xla", "xla", {}),
 ]
 
