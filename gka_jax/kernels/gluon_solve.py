@@ -76,9 +76,28 @@ if GLUON:
         rows_at = (batch * seq_len + token).to(gl.int64)                       # [C] index into [B, T]
         causal = gl.expand_dims(t, 1) >= gl.expand_dims(s, 0)                  # [C, C]
 
+        # Every global read is issued first (their latencies overlap), then used.
+        g_row = gl.load(gcum_ptr + ((batch * NUM_HEADS + head) * num_chunks + chunk).to(gl.int64) * C + t)
+        lt = gl.arange(0, C, layout=gl.SliceLayout(1, LOAD))
+        lc = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
+        l_token = chunk * C + lt
+        l_valid = l_token < seq_len
+        l_rows = (batch * seq_len + l_token).to(gl.int64)
+        k_at = (gl.expand_dims(l_rows * (NUM_HEADS // GROUP) + head // GROUP, 1) * D + gl.expand_dims(lc, 0))
+        keys = gl.load(k_ptr + k_at, mask=gl.expand_dims(l_valid, 1), other=0.0)             # [C, D]
+        if HAS_BETA:
+            beta = gl.load(beta_ptr + l_rows * NUM_HEADS + head, mask=l_valid, other=0.0)    # [C]
+        start = ((batch * NUM_HEADS + head) * num_chunks + chunk).to(gl.int64) * (D * D)
+        square_at = start + gl.expand_dims(lt, 1) * D + gl.expand_dims(lc, 0)               # rows 0..C-1 of H0
+        h_top = gl.load(start_ptr + square_at)                                             # [C, D]
+        if D > C:   # D = 2 C
+            h_bottom = gl.load(start_ptr + square_at + C * D)                              # [C, D]
+        at = gl.expand_dims(rows_at * NUM_HEADS + head, 1) * D + gl.expand_dims(cols, 0)   # [C, D] into [B, T, H, D]
+        row_ok = gl.expand_dims(valid, 1)
+        q_in = gl.load(q_ptr + at, mask=row_ok, other=0.0)                                 # [C, D]
+
         # Decay: G (in-chunk inclusive cumsum of g_kk, computed in XLA), the factored form's row scalings
         # a = e^{G - R}, b = e^{R - G} with R = m ln 2; the masked form takes m = 0, a = b = 1.
-        g_row = gl.load(gcum_ptr + ((batch * NUM_HEADS + head) * num_chunks + chunk).to(gl.int64) * C + t)
         top = gl.maximum(gl.max(g_row, axis=0), 0.0)
         bottom = gl.minimum(gl.min(g_row, axis=0), 0.0)
         factored = top - bottom <= SPAN
@@ -88,32 +107,25 @@ if GLUON:
         g_col = gl.convert_layout(g_row, COLV)
         mask = gl.exp(gl.where(causal, gl.expand_dims(g_row, 1) - gl.expand_dims(g_col, 0), -float("inf")))
 
-        # Keys beta k (read once from kv head h // GROUP) and b beta k, bf16, in shared memory.
+        # Keys beta k (of kv head h // GROUP) and b beta k, bf16, in shared memory.
         k_shared = gl.allocate_shared_memory(gl.bfloat16, [C, D], TILE)
         kb_shared = gl.allocate_shared_memory(gl.bfloat16, [C, D], TILE)
-        lt = gl.arange(0, C, layout=gl.SliceLayout(1, LOAD))
-        lc = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
-        l_token = chunk * C + lt
-        l_valid = l_token < seq_len
-        l_rows = (batch * seq_len + l_token).to(gl.int64)
-        k_at = (gl.expand_dims(l_rows * (NUM_HEADS // GROUP) + head // GROUP, 1) * D + gl.expand_dims(lc, 0))
-        keys = gl.load(k_ptr + k_at, mask=gl.expand_dims(l_valid, 1), other=0.0).to(gl.float32)   # [C, D]
+        keys = keys.to(gl.float32)
         if HAS_BETA:
-            beta = gl.load(beta_ptr + l_rows * NUM_HEADS + head, mask=l_valid, other=0.0).to(gl.float32)
-            keys = keys * gl.expand_dims(beta, 1)
+            keys = keys * gl.expand_dims(beta.to(gl.float32), 1)
         keys = keys.to(gl.bfloat16).to(gl.float32)
         k_shared.store(keys.to(gl.bfloat16))
         kb_shared.store((keys * gl.expand_dims(gl.convert_layout(b, gl.SliceLayout(1, LOAD)), 1)).to(gl.bfloat16))
 
-        # -2^m H0 in bf16 in shared memory (its square norm from the bf16 values); rows in blocks of C.
+        # -2^m H0 in bf16 in shared memory (its square norm from the bf16 values).
         h_shared = gl.allocate_shared_memory(gl.bfloat16, [D, D], SQUARE)
-        start = ((batch * NUM_HEADS + head) * num_chunks + chunk).to(gl.int64) * (D * D)
-        h0_sq = 0.0
-        for part in gl.static_range(D // C):
-            block = gl.load(start_ptr + start + gl.expand_dims(part * C + lt, 1) * D + gl.expand_dims(lc, 0))
-            block = block.to(gl.bfloat16).to(gl.float32)                       # [C, D]
-            h0_sq += gl.sum(gl.sum(block * block, axis=1), axis=0)
-            h_shared.slice(part * C, C, dim=0).store((block * -gl.exp2(shift)).to(gl.bfloat16))
+        h_top = h_top.to(gl.bfloat16).to(gl.float32)
+        h0_sq = gl.sum(gl.sum(h_top * h_top, axis=1), axis=0)
+        h_shared.slice(0, C, dim=0).store((h_top * -gl.exp2(shift)).to(gl.bfloat16))
+        if D > C:
+            h_bottom = h_bottom.to(gl.bfloat16).to(gl.float32)
+            h0_sq += gl.sum(gl.sum(h_bottom * h_bottom, axis=1), axis=0)
+            h_shared.slice(C, C, dim=0).store((h_bottom * -gl.exp2(shift)).to(gl.bfloat16))
         fence_async_shared()
         gl.thread_barrier()
 
@@ -138,9 +150,7 @@ if GLUON:
         rho = fro / (2.0 * lam + fro) / 2.0
         rho_sq_4 = rho * rho
 
-        at = gl.expand_dims(rows_at * NUM_HEADS + head, 1) * D + gl.expand_dims(cols, 0)   # [C, D] into [B, T, H, D]
-        row_ok = gl.expand_dims(valid, 1)
-        q = gl.load(q_ptr + at, mask=row_ok, other=0.0).to(gl.float32)                     # [C, D]
+        q = q_in.to(gl.float32)
         x = gl.expand_dims(step, 1) * q
         if NUM_ITER > 0:
             if factored:
@@ -149,10 +159,14 @@ if GLUON:
             else:
                 x = _iterate(x, q, k_shared, kb_shared, h_shared, a, b, decay0, lam, step, rho_sq_4, causal,
                              g_row, g_col, NUM_ITER, True, MMA, DOT_A, C)
+        # The output offsets and row mask are formed again here, in another form than before the loop, so that
+        # they are not held (common-subexpression merged) through the loop.
+        at = gl.expand_dims((rows_at * NUM_HEADS + head) * D, 1) + gl.expand_dims(cols, 0)
+        row_ok = gl.expand_dims(rows_at < (batch + 1) * seq_len, 1)
         gl.store(x_ptr + at, x.to(x_ptr.dtype.element_ty), mask=row_ok)
         if HAS_MIXED:
             mixed = x
-            if HAS_ALPHA:
+            if HAS_ALPHA:   # q is held (ptxas spills it outside the loop; reading it again spilled in the loop)
                 alpha = gl.load(alpha_ptr + rows_at * NUM_HEADS + head, mask=valid, other=0.0).to(gl.float32)
                 mixed = q + gl.expand_dims(alpha, 1) * (x - q)
             gl.store(mixed_ptr + at, mixed.to(mixed_ptr.dtype.element_ty), mask=row_ok)
