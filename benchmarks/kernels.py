@@ -215,6 +215,8 @@ VARIANTS = {
     "state block_v 32": _state(block_v=32),
     "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
     "solve: pallas": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "kernel": "pallas"}},
+    **{f"solve desync {ns} ns": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "desync_ns": ns}}
+       for ns in (500, 1000, 2000)},
     "solve: pallas masked loop only": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "kernel": "pallas",
                                                  "loop": "masked"}},
     "state pass bf16 operands": _state(operand_dtype="bfloat16"),
