@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel
 from test_pallas_solve import RIDGE, make_inputs, run_oracle, run_reference
 
 from gka_jax.kernels import gluon_solve, pallas_prefill, pallas_solve, reference
-
-from conftest import rel
 
 if not gluon_solve.AVAILABLE or jax.default_backend() != "gpu":
     pytest.skip("the Gluon kernel needs jax-triton and an NVIDIA GPU", allow_module_level=True)

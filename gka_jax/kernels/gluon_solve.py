@@ -1,30 +1,33 @@
 """Gluon GPU kernel for the chunked Chebyshev ridge solve of the GKA prefill, with asynchronous wgmma.
 
 Same math and signature as ``pallas_solve.chebyshev_solve`` with bf16 dot operands (the DEFAULT precision
-path); read that module's docstring for the products and the Frobenius norms. One program (4 warps, one
-warpgroup) per chunk of C = 64 tokens of one (batch, head):
+path); read that module's docstring for the products, the Frobenius norms and the factored loop. One
+program (4 warps, one warpgroup) per chunk of C = 64 tokens of one (batch, head):
 
-    H0 (2^m times the chunk-start h_kk), K (beta k) and K_b (b beta k) go to shared memory once, in bf16;
+    every global read issued first (q, k, beta, G, the chunk-start H0);
+    -2^m H0, K (beta k) and K_b (b beta k) to shared memory once, in bf16;
     ||H_t||_F from three wgmma products (K H0, K K^T, M (K K^T)^2), as pallas_solve;
-    x = step q, s = q - A x, d = x; then num_iter times:
-        omega' = 1 / (1 - rho^2/4 omega),  d' = omega' step s + (omega' - 1) d,  x' = x + d',  s' = s - A d'
-    with, for Y = -a d' (rows scaled, bf16, in shared memory):
-        s' = s - lambda d' + Y (2^m H0) + causal(Y K_b^T) K           (the factored loop, a_t b_s = M[t, s])
+    x = step q, s = q - A x, then num_iter times (A = H_t + lambda I row by row, a_t b_s = M[t, s]):
+        omega' = 1 / (1 - rho^2/4 omega)
+        e' = bf16(a omega' step s + (omega' - 1) e)        (e = a d: the step, scaled by rows, in bf16)
+        x' = x + b e',   s' = s - lambda b e' - [e' (2^m H0) + causal(e' K_b^T) K]
 
-Why Gluon: Triton (and so the Pallas lowering) waits for every wgmma right after issuing it and keeps the
-product operands in a layout that costs register spills. Here each iteration issues Y K_b^T and Y H0
-together, masks the scores while Y H0 still runs, then issues the scores' product into the same
-accumulator (s itself: no separate accumulator tile) and waits once. The scores go back to the tensor cores
-from registers. Across the loop a thread holds three fp32 tiles (x, d, s) and the scores, no spills; two
-programs share an SM (88 KiB of shared memory each, 104 KiB with the masked form's second operand buffer)
-and overlap one another's elementwise work with their products.
+The step is carried as e = a d in bf16 because that is the dot operand itself: x, the residual and the
+products all see the same rounded step, so s stays the residual of x (a CPU simulation against float64 gave
+the same x error as an fp32 step). Registers then hold x, s (fp32) and e (bf16) across the loop.
 
-A chunk whose decay span passes ``FACTORED_SPAN`` (exp(G) out of fp32 range) runs the masked form: the
-products e^{G_t} (X H0)_t and ((X K^T) * M) K with the mask recomputed from G in every iteration, as
-pallas_solve's masked loop (a runtime branch per program; both forms carry (x, d, s)).
+Why Gluon: Triton (and so the Pallas lowering) waits for every wgmma right after issuing it and spills the
+loop's tiles. Here each iteration issues e' K_b^T and e' H0 together, as asynchronous wgmma with e' from
+registers; it masks the scores while e' H0 still runs, then issues the scores' product (also from
+registers) into the same accumulator, which is s itself, and waits once. No barrier and no spill in the
+loop (offline sm_90a compile: 255 registers, 72 KiB of shared memory, so two programs share an SM).
+
+A chunk whose decay span passes ``FACTORED_SPAN`` (exp(G) out of fp32 range) runs the masked form (a = b = 1,
+m = 0): the products e^{G_t} (E H0)_t and ((E K^T) * M) K with the mask recomputed from G in every
+iteration, as pallas_solve's masked loop (a runtime branch per program).
 
 GPU only (Gluon has no interpreter). ``tests/test_gluon_solve.py`` checks it on a GPU against the pure-JAX
-path and float64; the Pallas solve, which CI runs in interpret mode, computes the same math.
+path, float64 and the Pallas solve; the Pallas solve, which CI runs in interpret mode, computes the same math.
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ CHUNK = 64
 HEAD_DIMS = (64, 128)
 
 if GLUON:
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, \
-        warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     from .gluon_call import gl, gluon
 
@@ -187,7 +189,7 @@ if GLUON:
         """The Chebyshev loop from x = step q, carried as (x, the scaled step a d in bf16, the residual s);
         returns x after NUM_ITER iterations."""
         scaled_step = (x * gl.expand_dims(a, 1)).to(gl.bfloat16)                   # a x_0 (d_0 = x_0)
-        residual = _plus_minus_h(scaled_step, q - gl.expand_dims(lam, 1) * x, k_shared, kb_shared, h_shared,
+        residual = _minus_h_times(scaled_step, q - gl.expand_dims(lam, 1) * x, k_shared, kb_shared, h_shared,
                                  decay0, causal, g_row, g_col, MASKED, MMA, DOT_A, C)
         omega = gl.full_like(step, 2.0)
         lam_b = lam * b
@@ -195,14 +197,14 @@ if GLUON:
             omega = 1.0 / (1.0 - rho_sq_4 * omega)
             scaled_step = (gl.expand_dims(a * omega * step, 1) * residual
                            + gl.expand_dims(omega - 1.0, 1) * scaled_step.to(gl.float32)).to(gl.bfloat16)
-            d = scaled_step.to(gl.float32)
-            x = x + gl.expand_dims(b, 1) * d
-            residual = _plus_minus_h(scaled_step, residual - gl.expand_dims(lam_b, 1) * d, k_shared, kb_shared,
+            rounded = scaled_step.to(gl.float32)                                     # [C, D] a d, as rounded
+            x = x + gl.expand_dims(b, 1) * rounded                                   # b = 1 / a
+            residual = _minus_h_times(scaled_step, residual - gl.expand_dims(lam_b, 1) * rounded, k_shared, kb_shared,
                                      h_shared, decay0, causal, g_row, g_col, MASKED, MMA, DOT_A, C)
         return x
 
     @gluon.jit
-    def _plus_minus_h(scaled, acc, k_shared, kb_shared, h_shared, decay0, causal, g_row, g_col,
+    def _minus_h_times(scaled, acc, k_shared, kb_shared, h_shared, decay0, causal, g_row, g_col,
                       MASKED: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr, C: gl.constexpr):
         """acc - H_t y (rows t) for ``scaled`` = a y in bf16 [C, D] and acc [C, D] fp32 (wgmma layout), with
         h_shared = -2^m H0 and kb_shared = b K. The operands go to the tensor cores from registers."""
@@ -260,7 +262,8 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
         raise RuntimeError("the Gluon solve kernel needs jax-triton and triton with Gluon")
     if not supports(q, k, h_kk_starts, chunk_size=chunk_size):
         raise ValueError(f"the Gluon solve covers chunk_size={CHUNK}, D in {HEAD_DIMS}, unsegmented starts; got "
-                         f"chunk_size={chunk_size}, q {q.shape}, k {k.shape}, starts {Segmented.of(h_kk_starts).starts.shape}")
+                         f"chunk_size={chunk_size}, q {q.shape}, k {k.shape}, "
+                         f"starts {Segmented.of(h_kk_starts).starts.shape}")
     h_kk_starts = _plain_starts(h_kk_starts)
     batch, seq_len, num_heads, d = q.shape
     num_chunks = -(-seq_len // chunk_size)
