@@ -215,8 +215,6 @@ VARIANTS = {
     "state block_v 32": _state(block_v=32),
     "gla_output block_v 64": {"gla": {"fused": False, "block_v": 64, "num_warps": 4, "num_stages": 1}},
     "solve: pallas": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "kernel": "pallas"}},
-    **{f"solve desync {ns} ns": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "desync_ns": ns}}
-       for ns in (500, 1000, 2000)},
     "solve: pallas masked loop only": {"solve": {**pallas_prefill.GPU_TUNING["solve"], "kernel": "pallas",
                                                  "loop": "masked"}},
     "state pass bf16 operands": _state(operand_dtype="bfloat16"),
@@ -426,7 +424,6 @@ DECODE_VARIANTS = [
     ("pallas split", "pallas", {"kernel": "pallas"}),
     ("gluon lanes 1 blocks 8", "pallas", {"kernel": "gluon", "lanes": 1, "blocks": 8}),
     ("gluon persistent", "pallas", {"kernel": "gluon", "persistent": True}),
-    ("gluon early value", "pallas", {"kernel": "gluon", "early_value": True}),
     ("xla", "xla", {}),
 ]
 

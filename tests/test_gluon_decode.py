@@ -43,16 +43,13 @@ def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, 
     assert_close(got, want_fp64, 1e-4)
 
 
-@pytest.mark.parametrize("persistent, blocks, lanes, maxnreg, early_value, d", [
-    (False, 8, 1, None, False, 128), (True, 4, 4, 0, False, 128), (False, 16, 2, 200, False, 128),
-    (True, 1, 1, 168, False, 128), (False, 8, 4, 0, False, 128), (False, 4, 4, None, True, 128),
-    (True, 4, 4, 0, True, 128), (False, 4, 4, None, True, 64), (False, 4, 4, None, True, 32)])
-def test_tunables_give_the_same_result(persistent, blocks, lanes, maxnreg, early_value, d):
-    """One program per item or persistent programs (which walk several items each at B * H > #SMs); the
-    value state written before or after the solve."""
-    args = decode_inputs(5, b=40, d=d, g_kk=True)
-    got = run_gluon(args, 30, persistent=persistent, blocks=blocks, lanes=lanes, maxnreg=maxnreg,
-                    early_value=early_value)
+@pytest.mark.parametrize("persistent, blocks, lanes, maxnreg", [(False, 8, 1, None), (True, 4, 4, 0),
+                                                               (False, 16, 2, 200), (True, 1, 1, 168),
+                                                               (False, 8, 4, 0)])
+def test_tunables_give_the_same_result(persistent, blocks, lanes, maxnreg):
+    """One program per item or persistent programs (which walk several items each at B * H > #SMs)."""
+    args = decode_inputs(5, b=40, d=128, g_kk=True)
+    got = run_gluon(args, 30, persistent=persistent, blocks=blocks, lanes=lanes, maxnreg=maxnreg)
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 

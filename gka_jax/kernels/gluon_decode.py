@@ -54,7 +54,6 @@ DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 DEFAULT_PERSISTENT = False   # one program per item measured faster on an H200 (docs/benchmarks.md)
-DEFAULT_EARLY_VALUE = False  # S' written after the solve (True: before it, overlapping the solve)
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon
@@ -66,7 +65,7 @@ if GLUON:
                        NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                        BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                        HAS_G_KK: gl.constexpr, PREFETCH_H: gl.constexpr, LANES: gl.constexpr,
-                       MAXNREG: gl.constexpr, EARLY_VALUE: gl.constexpr):
+                       MAXNREG: gl.constexpr):
         W: gl.constexpr = gl.num_warps()
         RB: gl.constexpr = D // BLOCKS
         # H as [BLOCKS, RB, D]: a thread holds LANES adjacent columns (16-byte accesses at LANES = 4) in the
@@ -125,14 +124,6 @@ if GLUON:
             h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
 
-            if EARLY_VALUE:   # S' = exp(g) S + k v^T written before the solve, so that the write overlaps it
-                if PREFETCH_H:
-                    async_copy.wait_group(1)                # this item's S (the next item's H may be in flight)
-                else:
-                    async_copy.wait_group(0)
-                gl.thread_barrier()
-                _store_value_state(s_shared, h_kv_out_ptr, state, k_ptr, v_ptr, kv_row, beta, g, COPY, D,
-                                   W * (32 * VEC // D))
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
             x = q
             if NUM_ITER > 0:
@@ -171,8 +162,7 @@ if GLUON:
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-            if not EARLY_VALUE:
-                gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
+            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
             iterate_b.store(mixed)                         # each thread reads q' back at its rows
             mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
@@ -185,23 +175,6 @@ if GLUON:
         async_copy.async_copy_global_to_shared(buffer, state_ptr + item.to(gl.int64) * (D * D) + copy_square,
                                                mask=(copy_square >= 0) & (item < num_items))
         async_copy.commit_group()
-
-    @gluon.jit
-    def _store_value_state(s_shared, h_kv_out_ptr, state, k_ptr, v_ptr, kv_row, beta, g, COPY: gl.constexpr,
-                           D: gl.constexpr, W: gl.constexpr):
-        """Write S' = exp(g) S + k v^T from the copy of S in shared memory, W rows at a time (the rows that
-        ``COPY`` covers once: 16-byte stores, 4 values per thread), so that few registers are live beside H's."""
-        r = gl.arange(0, W, layout=gl.SliceLayout(1, COPY))                              # [W]
-        c = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))                              # [D]
-        v_c = gl.expand_dims(gl.load(v_ptr + kv_row * D + c).to(gl.float32) * beta, 0)     # [1, D]
-        decay = gl.exp(g)
-        for part in gl.static_range(D // W):
-            rows = part * W + r
-            k_r = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta                   # [W]
-            block = s_shared.slice(part * W, W, dim=0).load(COPY).to(gl.float32)           # [W, D]
-            block = decay * block + gl.expand_dims(k_r, 1) * v_c
-            gl.store(h_kv_out_ptr + state + gl.expand_dims(rows, 1) * D + gl.expand_dims(c, 0),
-                     block.to(h_kv_out_ptr.dtype.element_ty))
 
     @gluon.jit
     def _chebyshev_step(h, iterate_in, iterate_out, x, x_prev, omega, q, lam, step, rho_sq_4,
@@ -233,8 +206,7 @@ def _multiprocessors() -> int:
 
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
-               precision=HIGHEST, persistent=None, blocks=None, lanes=None, maxnreg=None,
-               early_value=None) -> GKAResult:
+               precision=HIGHEST, persistent=None, blocks=None, lanes=None, maxnreg=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -245,9 +217,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     (only S prefetched, several programs per SM); ``blocks`` (partial sums per thread, a power of 2 dividing
     D; default ``DEFAULT_BLOCKS``); ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``);
     ``maxnreg`` (register cap per thread; default ``DEFAULT_MAXNREG`` for
-    one program per item, none when persistent; 0 for none); ``early_value`` (default ``DEFAULT_EARLY_VALUE``):
-    write S' before the solve (its store then overlaps the solve; o is computed after the solve from the
-    shared-memory copy of S) instead of after it.
+    one program per item, none when persistent; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -282,6 +252,5 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         name="gka_gluon_decode",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
         HAS_BETA=beta is not None, HAS_ALPHA=alpha is not None, HAS_G_KK=g_kk is not None,
-        PREFETCH_H=bool(persistent), LANES=lanes, MAXNREG=maxnreg,
-        EARLY_VALUE=DEFAULT_EARLY_VALUE if early_value is None else bool(early_value))
+        PREFETCH_H=bool(persistent), LANES=lanes, MAXNREG=maxnreg)
     return GKAResult(o, x, h_kk, h_kv)

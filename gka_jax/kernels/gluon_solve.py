@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gluon_call import AVAILABLE, GLUON, triton_call
-from .gluon_decode import _multiprocessors
 from .pallas_chunk import Segmented
 from .pallas_solve import FACTORED_SPAN
 
@@ -47,27 +46,20 @@ CHUNK = 64
 HEAD_DIMS = (64, 128)
 
 if GLUON:
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 
     from .gluon_call import gl, gluon
 
     @gluon.jit
-    def _solve_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, start_ptr, alpha_ptr, ridge, seq_len, num_chunks, num_sms,
+    def _solve_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, start_ptr, alpha_ptr, ridge, seq_len, num_chunks,
                       x_ptr, mixed_ptr,
                       NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, C: gl.constexpr, D: gl.constexpr,
                       NUM_ITER: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                      HAS_MIXED: gl.constexpr, SPAN: gl.constexpr, DESYNC_NS: gl.constexpr):
+                      HAS_MIXED: gl.constexpr, SPAN: gl.constexpr):
         chunk = gl.program_id(0)
         head = gl.program_id(1)
         batch = gl.program_id(2)
-        if DESYNC_NS > 0:
-            # The second program on each SM in the first wave starts DESYNC_NS later, so that the two programs
-            # sharing an SM alternate their tensor-core and elementwise phases instead of running in step (the
-            # programs that follow inherit the offset, as each starts when one ends).
-            linear = chunk + num_chunks * (head + NUM_HEADS * batch)
-            if (linear >= num_sms) & (linear < 2 * num_sms):
-                gl.inline_asm_elementwise("nanosleep.u32 $1;\n mov.u32 $0, $1;", "=r,r", [linear * 0 + DESYNC_NS],
-                                          dtype=gl.int32, is_pure=False, pack=1)
         # One warpgroup; every accumulator ([C, D] and [C, C]) in the wgmma layout with n = 64 instructions,
         # so that all the products share one A-operand register layout.
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
@@ -242,21 +234,16 @@ def supports(q, k, h_kk_starts, *, chunk_size: int) -> bool:
             and starts is not None and starts.shape[-2:] == (d, d))
 
 
-DEFAULT_DESYNC_NS = 0
-
-
-@functools.partial(jax.jit, static_argnames=("num_iter", "ridge_strength", "chunk_size", "x_dtype", "mixed_dtype",
-                                             "desync_ns"))
+@functools.partial(jax.jit, static_argnames=("num_iter", "ridge_strength", "chunk_size", "x_dtype", "mixed_dtype"))
 def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, chunk_size=CHUNK, alpha=None,
-                    x_dtype=jnp.float32, mixed_dtype=None, desync_ns=None):
+                    x_dtype=jnp.float32, mixed_dtype=None):
     """``pallas_solve.chebyshev_solve`` with bf16 dot operands (fp32 accumulation and elementwise math), as
     one Gluon kernel: x [B, T, H, D] in ``x_dtype``, and with ``mixed_dtype`` (x, q' = q + alpha (x - q)).
 
     q [B, T, H, D]; k [B, T, Hkv, D] (not expanded); beta, g_kk, alpha [B, T, H] (beta, alpha may be None);
     h_kk_starts [B, H, N, D, D] (fp32 or bf16; rounded to bf16 as the dot operand; or a one-segment
     ``Segmented``). T need not be a multiple
-    of 64: the kernel masks the last chunk's rows. ``desync_ns`` (default ``DEFAULT_DESYNC_NS``): start
-    delay of the second program on each SM in the first wave (0: none).
+    of 64: the kernel masks the last chunk's rows.
     """
     if not AVAILABLE:
         raise RuntimeError("the Gluon solve kernel needs jax-triton and triton with Gluon")
@@ -277,7 +264,7 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     out_dtypes = [x_dtype] if mixed_dtype is None else [x_dtype, mixed_dtype]
     outs = triton_call(
         q, k, present(beta), gcum, h_kk_starts, present(alpha),
-        np.float32(ridge_strength), seq_len, num_chunks, _multiprocessors(),
+        np.float32(ridge_strength), seq_len, num_chunks,
         kernel=_solve_kernel,
         out_shape=[jax.ShapeDtypeStruct(q.shape, dt) for dt in out_dtypes] + ([] if mixed_dtype else
                                                                              [jax.ShapeDtypeStruct((1,), x_dtype)]),
@@ -286,5 +273,5 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
         name="gka_gluon_solve",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[2], C=chunk_size, D=d, NUM_ITER=int(num_iter),
         HAS_BETA=beta is not None, HAS_ALPHA=alpha is not None, HAS_MIXED=mixed_dtype is not None,
-        SPAN=float(FACTORED_SPAN), DESYNC_NS=int(DEFAULT_DESYNC_NS if desync_ns is None else desync_ns))
+        SPAN=float(FACTORED_SPAN))
     return outs[0] if mixed_dtype is None else (outs[0], outs[1])

@@ -120,11 +120,10 @@ def _forward(q, k, v, beta, g, alpha, h_kk, h_kv, g_kk, *, num_iter, ridge_stren
         which = solve_kernel(q, k, kk_starts, kernel=solve_opts.pop("kernel", "auto"), chunk_size=chunk_size,
                              operand_dtype=operands, interpret=interpret)
         solve_args = (q, k, beta, g if g_kk is None else g_kk, kk_starts)
-        desync_ns = solve_opts.pop("desync_ns", None)   # the Gluon kernel's only tunable
         if which == "gluon":
             x, q_mixed = gluon_solve.chebyshev_solve(
                 *solve_args, num_iter=num_iter, ridge_strength=ridge_strength, chunk_size=chunk_size, alpha=alpha,
-                x_dtype=q.dtype, mixed_dtype=operands, desync_ns=desync_ns)
+                x_dtype=q.dtype, mixed_dtype=operands)
         else:
             x, q_mixed = pallas_solve.chebyshev_solve(
                 *solve_args, num_iter=num_iter, ridge_strength=ridge_strength, alpha=alpha, x_dtype=q.dtype,
