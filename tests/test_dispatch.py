@@ -159,6 +159,18 @@ def test_decode_kernel_choice():
         kernels.decode_kernel(*arrays(128), kernel="cuda")
 
 
+def test_gluon_kernels_need_the_releases_they_were_written_for():
+    """Gluon is experimental and the adapter wraps jax-triton 0.3's internals: other releases keep the
+    Pallas kernels (``gluon_call.AVAILABLE`` is False) instead of failing at compile time."""
+    from gka_jax.kernels import gluon_call
+
+    assert gluon_call.releases_supported("3.6.0", "0.3.1")
+    assert gluon_call.releases_supported("3.6.1+git1234", "0.3.0")
+    assert not gluon_call.releases_supported("3.7.0", "0.3.1")
+    assert not gluon_call.releases_supported("3.6.0", "0.4.0")
+    assert not gluon_call.releases_supported("unknown", "0.3.1")
+
+
 def test_solve_kernel_choice():
     """The prefill solve runs the Gluon kernel for bf16 dot operands where it is installed and covers the
     shapes (C = 64, D in 64/128, one-segment starts), else the Pallas solve."""

@@ -18,8 +18,8 @@ from test_pallas_solve import RIDGE, make_inputs, run_oracle, run_reference
 
 from gka_jax.kernels import gluon_solve, pallas_prefill, pallas_solve, reference
 
-if not gluon_solve.AVAILABLE or jax.default_backend() != "gpu":
-    pytest.skip("the Gluon kernel needs jax-triton and an NVIDIA GPU", allow_module_level=True)
+if not gluon_solve.AVAILABLE or jax.default_backend() != "gpu" or not gluon_solve.on_hopper():
+    pytest.skip("the Gluon kernel needs jax-triton and a Hopper GPU", allow_module_level=True)
 
 BF16 = jnp.bfloat16
 

@@ -15,6 +15,7 @@ register cap passed to ptxas), so that several programs fit on an SM.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 try:  # Triton with Gluon: enough to define and compile kernels (also without a GPU)
@@ -27,13 +28,27 @@ try:  # Triton with Gluon: enough to define and compile kernels (also without a 
     GLUON = True
 except ImportError:  # no triton (CPU installs), or a triton without Gluon
     GLUON = False
+# The releases the kernels and this adapter were written and tested against. The adapter wraps jax-triton
+# 0.3's kernel-building function (0.4 has its own Gluon support, with another call signature), and Gluon is
+# experimental: its API changes between Triton releases. With other releases the dispatcher keeps the
+# Pallas kernels rather than fail at compile time.
+SUPPORTED = {"triton": (3, 6), "jax_triton": (0, 3)}
+
+
+def releases_supported(triton_version: str, jax_triton_version: str) -> bool:
+    """Whether these Triton and jax-triton versions ("3.6.0", "0.3.1") are the releases in ``SUPPORTED``."""
+    def major_minor(version):
+        found = re.match(r"(\d+)\.(\d+)", version)
+        return found and (int(found[1]), int(found[2]))
+    return (major_minor(triton_version) == SUPPORTED["triton"]
+            and major_minor(jax_triton_version) == SUPPORTED["jax_triton"])
+
+
 _cache_dir = os.environ.get("TRITON_CACHE_DIR")
 try:  # jax-triton: needed to call them from JAX (it imports only with a CUDA jaxlib)
     import jax_triton
     from jax_triton import triton_lib
-    # The adapter wraps jax-triton 0.3's kernel-building function; other releases (0.4 has its own Gluon
-    # support, with another call signature) are not used, so the dispatcher keeps the Pallas decode there.
-    AVAILABLE = GLUON and tuple(jax_triton.__version_info__[:2]) == (0, 3)
+    AVAILABLE = GLUON and releases_supported(triton.__version__, jax_triton.__version__)
 except ImportError:
     AVAILABLE = False
 finally:  # importing jax-triton empties TRITON_CACHE_DIR, which breaks other Triton users (torch)

@@ -220,6 +220,16 @@ if GLUON:
         return acc
 
 
+@functools.cache
+def on_hopper() -> bool:
+    """Whether the first GPU is a Hopper (compute capability 9.x: H100/H200), the one generation with the
+    wgmma instructions this kernel is built on (Blackwell has other tensor-core instructions)."""
+    try:
+        return str(jax.local_devices(backend="gpu")[0].compute_capability).startswith("9.")
+    except (RuntimeError, AttributeError, IndexError):   # no GPU backend in this jax, or no GPU
+        return False
+
+
 def _plain_starts(h_kk_starts):
     """The chunk starts [B, H, N, D, D] as an array, or None for segmented starts that need a fix-up."""
     starts = Segmented.of(h_kk_starts)
@@ -245,8 +255,8 @@ def chebyshev_solve(q, k, beta, g_kk, h_kk_starts, *, num_iter, ridge_strength, 
     ``Segmented``). T need not be a multiple
     of 64: the kernel masks the last chunk's rows.
     """
-    if not AVAILABLE:
-        raise RuntimeError("the Gluon solve kernel needs jax-triton and triton with Gluon")
+    if not (AVAILABLE and on_hopper()):
+        raise RuntimeError("the Gluon solve kernel needs jax-triton 0.3 and triton 3.6 with Gluon, on a Hopper GPU")
     if not supports(q, k, h_kk_starts, chunk_size=chunk_size):
         raise ValueError(f"the Gluon solve covers chunk_size={CHUNK}, D in {HEAD_DIMS}, unsegmented starts; got "
                          f"chunk_size={chunk_size}, q {q.shape}, k {k.shape}, "

@@ -67,13 +67,14 @@ def solve_kernel(q, k, starts, *, kernel: str = "auto", chunk_size: int, operand
                  gluon_available=None) -> str:
     """Which solve kernel runs: ``kernel`` if not "auto"; else "gluon" (``gluon_solve``, asynchronous wgmma;
     faster on an H200: docs/kernels.md) for bf16 dot operands (the DEFAULT precision) when jax-triton and
-    Gluon are installed, not in interpret mode, and the shapes are covered (C = 64, D in 64/128, unsegmented
-    starts); else "pallas" (``pallas_solve``, which also runs TF32/IEEE operands and interpret mode)."""
+    Gluon are installed (the ``gluon_call.SUPPORTED`` releases), the GPU is a Hopper, not in interpret mode,
+    and the shapes are covered (C = 64, D in 64/128, unsegmented starts); else "pallas" (``pallas_solve``,
+    which also runs TF32/IEEE operands and interpret mode)."""
     if kernel not in SOLVE_KERNELS:
         raise ValueError(f"solve kernel {kernel!r} is not one of {SOLVE_KERNELS}")
-    available = gluon_solve.AVAILABLE if gluon_available is None else gluon_available
+    available = gluon_solve.AVAILABLE and gluon_solve.on_hopper() if gluon_available is None else gluon_available
     reasons = [why for bad, why in (
-        (not available, "needs jax-triton and triton with Gluon"),
+        (not available, "needs jax-triton 0.3 and triton 3.6 with Gluon, on a Hopper GPU"),
         (interpret, "has no interpret mode"),
         (jnp.dtype(operand_dtype) != jnp.bfloat16, "takes bf16 dot operands only (precision DEFAULT)"),
         (not gluon_solve.supports(q, k, starts, chunk_size=chunk_size),
