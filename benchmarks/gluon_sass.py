@@ -45,6 +45,16 @@ KERNELS = {
                        HAS_G_KK=False, PREFETCH_H=False, LANES=gluon_decode.DEFAULT_LANES,
                        MAXNREG=gluon_decode.DEFAULT_MAXNREG),
         warps=lambda d: d // 32),
+    "decode_ws": dict(
+        fn=lambda: gluon_decode._decode_ws_kernel,
+        signature=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", beta_ptr="*fp32", g_ptr="*fp32",
+                       g_kk_ptr="*fp32", alpha_ptr="*bf16", h_kk_ptr="*fp32", h_kv_ptr="*fp32", scale="fp32",
+                       ridge="fp32", num_items="i32", o_ptr="*bf16", x_ptr="*bf16", h_kk_out_ptr="*fp32",
+                       h_kv_out_ptr="*fp32"),
+        constants=dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
+                       HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES, SLOTS=3, COPY_ROWS=8,
+                       SOLVER_REGS=192, LOADER_REGS=40),
+        warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")
 

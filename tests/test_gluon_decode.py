@@ -36,21 +36,33 @@ def run_gluon(args, num_iter, **options):
     (128, 4, 29, True, True, False),
     (128, 1, 10, False, False, False),
 ])
-def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, g_kk):
+@pytest.mark.parametrize("form", ["item", "pipelined"])
+def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, g_kk, form):
     args, want, want_fp64 = case_and_expected(d, hkv, num_iter, no_beta, no_alpha, g_kk)
-    got = run_gluon(args, num_iter)
+    got = run_gluon(args, num_iter, form=form)
     assert_close(got, want, 1e-5)
     assert_close(got, want_fp64, 1e-4)
 
 
-@pytest.mark.parametrize("persistent, blocks, lanes, maxnreg", [(False, 8, 1, None), (True, 4, 4, 0),
-                                                               (False, 16, 2, 200), (True, 1, 1, 168),
-                                                               (False, 8, 4, 0)])
-def test_tunables_give_the_same_result(persistent, blocks, lanes, maxnreg):
-    """One program per item or persistent programs (which walk several items each at B * H > #SMs)."""
-    args = decode_inputs(5, b=40, d=128, g_kk=True)
-    got = run_gluon(args, 30, persistent=persistent, blocks=blocks, lanes=lanes, maxnreg=maxnreg)
+@pytest.mark.parametrize("form, blocks, lanes, maxnreg, slots", [
+    ("item", 8, 1, None, None), ("persistent", 4, 4, 0, None), ("item", 16, 2, 200, None),
+    ("persistent", 1, 1, 168, None), ("item", 8, 4, 0, None), ("pipelined", 4, 4, None, 2),
+    ("pipelined", 8, 2, None, 3)])
+@pytest.mark.parametrize("b", [40, 300])
+def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
+    """One program per item, or persistent programs, which walk several items each when B * H passes the
+    number of SMs (b = 40: 1 to 2 items per program at H = 4; b = 300: 9 to 10, several turns of the
+    pipelined form's buffer ring)."""
+    args = decode_inputs(5, b=b, d=128, g_kk=True)
+    got = run_gluon(args, 30, form=form, blocks=blocks, lanes=lanes, maxnreg=maxnreg, slots=slots)
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
+
+
+def test_pipelined_form_on_every_head_dim():
+    """The pipelined form at D = 32 and 64 (one- and two-warp solvers), many items per program."""
+    for d in (32, 64):
+        args = decode_inputs(11, b=200, d=d)
+        assert_close(run_gluon(args, 10, form="pipelined"), run(reference.gka_decode, args, 10), 1e-5)
 
 
 def test_zero_state_first_token():

@@ -24,6 +24,7 @@ try:  # Triton with Gluon: enough to define and compile kernels (also without a 
     from triton.experimental import gluon  # noqa: F401  (re-exported for the kernel modules)
     from triton.experimental.gluon import language as gl  # noqa: F401
     from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: F401
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier  # noqa: F401
     from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     GLUON = True
 except ImportError:  # no triton (CPU installs), or a triton without Gluon
@@ -81,8 +82,9 @@ def _gluon_kernel(fn, arg_dtypes, scalar_args, *, num_warps, num_ctas, compute_c
     if key not in _cache:
         compiled = compile_gluon(GluonASTSource(fn, signature, constants, attrs), compute_capability, options)
         _cache[key] = triton_lib.triton_kernel_call_lib.TritonKernel(
-            compiled.metadata.name, num_warps, num_ctas, compiled.metadata.shared, compiled.asm["ptx"],
-            compiled.asm["ttgir"], compute_capability)
+            # num_warps: all partitions' warps of a warp-specialized kernel (Triton's total), else num_warps
+            compiled.metadata.name, compiled.metadata.num_warps, num_ctas, compiled.metadata.shared,
+            compiled.asm["ptx"], compiled.asm["ttgir"], compute_capability)
     return _cache[key], attrs
 
 

@@ -53,10 +53,14 @@ DEFAULT_BLOCKS = 4        # row blocks of H: independent partial sums per thread
 DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (4: 16-byte accesses)
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
-DEFAULT_PERSISTENT = False   # one program per item measured faster on an H200 (docs/benchmarks.md)
+FORMS = ("item", "persistent", "pipelined")
+DEFAULT_FORM = "item"      # measured fastest on an H200 (docs/benchmarks.md)
+DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (3 x 64 KiB at D = 128)
+MAX_RING_BYTES = 3 * 64 * 1024
+SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of each partition (setmaxnreg)
 
 if GLUON:
-    from .gluon_call import async_copy, gl, gluon
+    from .gluon_call import async_copy, gl, gluon, mbarrier
 
     @gluon.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
@@ -125,26 +129,7 @@ if GLUON:
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
 
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
-            x = q
-            if NUM_ITER > 0:
-                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
-                fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
-                lam = ridge * fro
-                step = 2.0 / (2.0 * lam + fro)
-                rho = fro / (2.0 * lam + fro) / 2.0
-                rho_sq_4 = rho * rho
-                x = step * q
-                x_prev = gl.zeros_like(x)
-                omega = 2.0
-                iterate_a.store(x)
-                for _ in range(NUM_ITER // 2):     # two iterations: a -> b, b -> a
-                    x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
-                                                       rho_sq_4, BLOCKS, RB, ROW)
-                    x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam, step,
-                                                       rho_sq_4, BLOCKS, RB, ROW)
-                if NUM_ITER % 2 == 1:
-                    x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
-                                                       rho_sq_4, BLOCKS, RB, ROW)
+            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
@@ -168,6 +153,156 @@ if GLUON:
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
             gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
             gl.thread_barrier()                            # iterate buffers are reused by the next item
+
+    @gluon.jit
+    def _decode_ws_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
+                          scale, ridge, num_items,
+                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
+                          NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
+                          BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
+                          HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
+                          COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+        """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a one-warp
+        loader streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
+        buffers by cp.async, and two solver partitions (D / 32 warps each) take the items in turn."""
+        ring = gl.allocate_shared_memory(gl.float32, [SLOTS, D, D], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        full = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(SLOTS):
+            mbarrier.init(full.index(slot), count=32)   # each loader lane arrives once its copies have landed
+            mbarrier.init(free.index(slot), count=1)    # the solver that read the buffer arrives once
+        iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        first = gl.program_id(0)
+        stride = gl.num_programs(0)
+        count = (num_items - first + stride - 1) // stride       # this program's items
+        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                          g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
+                                          h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                            (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                          g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
+                                          h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
+                                          COPY_ROWS))],
+                           [D // 32, 1], [SOLVER_REGS, LOADER_REGS])
+
+    @gluon.jit
+    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
+        """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into buffer t % SLOTS once the
+        solver has released that buffer's previous tile."""
+        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [128 // D, D // 4], [1, 1], [1, 0])
+        offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
+                   + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
+        for j in range(count):
+            state = (first + j * stride).to(gl.int64) * (D * D)
+            _load_tile(ring, full, free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS, COPY_ROWS)
+            _load_tile(ring, full, free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS, COPY_ROWS)
+
+    @gluon.jit
+    def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
+                   COPY_ROWS: gl.constexpr):
+        slot = tile % SLOTS
+        use = tile // SLOTS
+        mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
+        buffer = ring.index(slot)
+        for row in gl.static_range(0, D, COPY_ROWS):
+            async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
+        async_copy.mbarrier_arrive(full.index(slot), increment_count=False)
+
+    @gluon.jit
+    def _take_tile(ring, full, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
+                   D: gl.constexpr, SLOTS: gl.constexpr):
+        """Wait for tile ``tile``, load it into registers as [BLOCKS, RB, D] and release its buffer."""
+        slot = tile % SLOTS
+        mbarrier.wait(full.index(slot), (tile // SLOTS) & 1)
+        values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
+        gl.thread_barrier()                              # every warp of this partition has read the buffer
+        mbarrier.arrive(free.index(slot))
+        return values
+
+    @gluon.jit
+    def _ws_solver(which: gl.constexpr, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                   g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
+                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                   NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
+        """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
+        ring."""
+        W: gl.constexpr = D // 32
+        RB: gl.constexpr = D // BLOCKS
+        L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB // LANES, LANES], [1, LANES, 32 // LANES], [1, 1, W],
+                                            [2, 1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(2, L3)
+        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
+        rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
+                + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
+        cols = gl.arange(0, D, layout=COL)                                                # [D]
+        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
+        iterate_a = iterates.index(2 * which)
+        iterate_b = iterates.index(2 * which + 1)
+        for j in range(which, count, 2):
+            item = first + j * stride                   # item = b * H + h
+            head = item % NUM_HEADS
+            kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
+            state = item.to(gl.int64) * (D * D)
+            beta = 1.0
+            if HAS_BETA:
+                beta = gl.load(beta_ptr + item).to(gl.float32)
+            g = gl.load(g_ptr + item).to(gl.float32)
+            g_kk = g
+            if HAS_G_KK:
+                g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
+            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
+            k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+
+            h = _take_tile(ring, full, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)                # [BLOCKS, RB, D]
+            h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
+            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
+            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
+            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
+            mixed = x
+            if HAS_ALPHA:
+                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+
+            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
+            s = _take_tile(ring, full, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)           # [BLOCKS, RB, D]
+            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
+            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
+            iterate_b.store(mixed)                         # each thread reads q' back at its rows
+            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
+            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
+            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+            gl.thread_barrier()                            # the iterate buffers are reused by the next item
+
+    @gluon.jit
+    def _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr,
+               RB: gl.constexpr, ROW: gl.constexpr):
+        """x = Chebyshev(NUM_ITER) solution of (h + ridge ||h||_F I) x = q (``reference._chebyshev``)."""
+        x = q
+        if NUM_ITER > 0:
+            fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
+            fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
+            lam = ridge * fro
+            step = 2.0 / (2.0 * lam + fro)
+            rho = fro / (2.0 * lam + fro) / 2.0
+            rho_sq_4 = rho * rho
+            x = step * q
+            x_prev = gl.zeros_like(x)
+            omega = 2.0
+            iterate_a.store(x)
+            for _ in range(NUM_ITER // 2):     # two iterations: a -> b, b -> a
+                x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
+                                                   rho_sq_4, BLOCKS, RB, ROW)
+                x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam, step,
+                                                   rho_sq_4, BLOCKS, RB, ROW)
+            if NUM_ITER % 2 == 1:
+                x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
+                                                   rho_sq_4, BLOCKS, RB, ROW)
+        return x
 
     @gluon.jit
     def _copy_state(buffer, state_ptr, item, num_items, copy_square, D: gl.constexpr):
@@ -206,18 +341,19 @@ def _multiprocessors() -> int:
 
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
-               precision=HIGHEST, persistent=None, blocks=None, lanes=None, maxnreg=None) -> GKAResult:
+               precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
     h_kk [B, H, D, D], h_kv [B, H, D, Dv] states (computed in float32, returned in their own dtype, written
     in place when donated). ``precision`` is accepted for signature compatibility: every product is an fp32
-    multiply-add. Tuning: ``persistent`` (default ``DEFAULT_PERSISTENT``): one program per SM walking the
-    (b, h) items with both states of the next item prefetched into shared memory, else one program per item
-    (only S prefetched, several programs per SM); ``blocks`` (partial sums per thread, a power of 2 dividing
-    D; default ``DEFAULT_BLOCKS``); ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``);
-    ``maxnreg`` (register cap per thread; default ``DEFAULT_MAXNREG`` for
-    one program per item, none when persistent; 0 for none).
+    multiply-add. Tuning: ``form`` (``FORMS``, default ``DEFAULT_FORM``): "item" (one program per (b, h), S
+    prefetched, several programs per SM), "persistent" (one program per SM walking the items, both states
+    of the next item prefetched) or "pipelined" (persistent and warp-specialized: a loader warp streams the
+    states through ``slots`` shared-memory buffers, default ``DEFAULT_SLOTS``, to two solver partitions);
+    ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``); ``lanes``
+    (``LANES``: columns per thread, default ``DEFAULT_LANES``); ``maxnreg`` (register cap per thread for the
+    "item" and "persistent" forms; default ``DEFAULT_MAXNREG`` for "item", none for "persistent"; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -227,21 +363,32 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"the Gluon decode kernel covers D = Dv in {HEAD_DIMS} and whole GQA groups; got "
                          f"q {q.shape}, k {k.shape}, v {v.shape}, h_kk {h_kk.shape}, h_kv {h_kv.shape}")
     batch, num_heads, d = q.shape
-    blocks, lanes = blocks or DEFAULT_BLOCKS, lanes or DEFAULT_LANES
+    form = form or DEFAULT_FORM
+    blocks, lanes, slots = blocks or DEFAULT_BLOCKS, lanes or DEFAULT_LANES, slots or DEFAULT_SLOTS
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is not one of {FORMS}")
     if lanes not in LANES:
         raise ValueError(f"lanes={lanes} is not one of {LANES}")
     if blocks & (blocks - 1) or d % (blocks * lanes):
         raise ValueError(f"blocks={blocks} must be a power of 2 with blocks * lanes ({lanes}) dividing D={d}")
-    persistent = DEFAULT_PERSISTENT if persistent is None else persistent
-    maxnreg = (0 if persistent else DEFAULT_MAXNREG) if maxnreg is None else maxnreg
+    if slots < 2 or slots * d * d * 4 > MAX_RING_BYTES:
+        raise ValueError(f"slots={slots}: the pipelined form needs 2 or more [D, D] fp32 buffers within "
+                         f"{MAX_RING_BYTES} bytes of shared memory (D={d})")
     num_items = batch * num_heads
-    programs = min(num_items, _multiprocessors()) if persistent else num_items
+    programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
+    if form == "pipelined":
+        kernel = _decode_ws_kernel
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS)
+    else:
+        kernel = _decode_kernel
+        maxnreg = (DEFAULT_MAXNREG if form == "item" else 0) if maxnreg is None else maxnreg
+        tuning = dict(PREFETCH_H=form == "persistent", MAXNREG=maxnreg)
     o, x, h_kk, h_kv = triton_call(
         q, k, v, present(beta), g, present(g_kk), present(alpha), h_kk, h_kv,
         np.float32(scale), np.float32(ridge_strength), num_items,   # fp32 scalars (a Python float is fp64)
-        kernel=_decode_kernel,
+        kernel=kernel,
         out_shape=[jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
                    jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
                    jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
@@ -251,6 +398,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)
         name="gka_gluon_decode",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
-        HAS_BETA=beta is not None, HAS_ALPHA=alpha is not None, HAS_G_KK=g_kk is not None,
-        PREFETCH_H=bool(persistent), LANES=lanes, MAXNREG=maxnreg)
+        HAS_BETA=beta is not None, HAS_ALPHA=alpha is not None, HAS_G_KK=g_kk is not None, LANES=lanes,
+        **tuning)
     return GKAResult(o, x, h_kk, h_kv)
