@@ -39,6 +39,10 @@ def run_gluon(args, num_iter, **options):
 @pytest.mark.parametrize("form", ["item", "pipelined"])
 def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, g_kk, form):
     args, want, want_fp64 = case_and_expected(d, hkv, num_iter, no_beta, no_alpha, g_kk)
+    if form == "pipelined" and d not in gluon_decode.PIPELINED_HEAD_DIMS:
+        with pytest.raises(ValueError, match="pipelined form covers"):
+            run_gluon(args, num_iter, form=form)
+        return
     got = run_gluon(args, num_iter, form=form)
     assert_close(got, want, 1e-5)
     assert_close(got, want_fp64, 1e-4)
@@ -58,11 +62,13 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-def test_pipelined_form_on_every_head_dim():
-    """The pipelined form at D = 32 and 64 (one- and two-warp solvers), many items per program."""
-    for d in (32, 64):
-        args = decode_inputs(11, b=200, d=d)
-        assert_close(run_gluon(args, 10, form="pipelined"), run(reference.gka_decode, args, 10), 1e-5)
+@pytest.mark.parametrize("b, slots", [(1, 3), (33, 2), (67, 3), (301, 2)])
+def test_pipelined_form_item_counts(b, slots):
+    """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
+    each solver gets none, one or several items and the buffer ring turns over many times."""
+    args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
+    got = run_gluon(args, 10, form="pipelined", slots=slots)
+    assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
 def test_zero_state_first_token():

@@ -56,7 +56,8 @@ DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the 
 FORMS = ("item", "persistent", "pipelined")
 DEFAULT_FORM = "item"      # measured fastest on an H200 (docs/benchmarks.md)
 DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (3 x 64 KiB at D = 128)
-MAX_RING_BYTES = 3 * 64 * 1024
+RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
+PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of each partition (setmaxnreg)
 
 if GLUON:
@@ -164,13 +165,23 @@ if GLUON:
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a one-warp
         loader streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
-        buffers by cp.async, and two solver partitions (D / 32 warps each) take the items in turn."""
+        buffers by cp.async, and two solver partitions (D / 32 warps each) take the items in turn.
+
+        Phases: the loader waits on free[slot] for the uses of each buffer in order. Each full barrier has one
+        waiter (its solver), which waits for its phases in order; phase n + 1 of a solver's full barrier
+        cannot complete before the solver has waited for phase n, because the loader fills tiles in order and
+        with SLOTS <= 3 the tile after the solver's next one reuses a buffer that the solver releases only
+        after that wait. (An mbarrier wait compares phase parities, so a waiter must never fall two phases
+        behind.)"""
         ring = gl.allocate_shared_memory(gl.float32, [SLOTS, D, D], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        full = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        # full[2 c + 0 / 1]: solver c's next h_kk / h_kv tile has landed (each loader lane arrives once its
+        # copies have); free[slot]: the solver that read the buffer is done with it.
+        full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        for index in gl.static_range(4):
+            mbarrier.init(full.index(index), count=32)
         for slot in gl.static_range(SLOTS):
-            mbarrier.init(full.index(slot), count=32)   # each loader lane arrives once its copies have landed
-            mbarrier.init(free.index(slot), count=1)    # the solver that read the buffer arrives once
+            mbarrier.init(free.index(slot), count=1)
         iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         first = gl.program_id(0)
         stride = gl.num_programs(0)
@@ -197,26 +208,30 @@ if GLUON:
                    + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full, free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS, COPY_ROWS)
-            _load_tile(ring, full, free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS, COPY_ROWS)
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
+                       COPY_ROWS)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
+                       COPY_ROWS)
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
                    COPY_ROWS: gl.constexpr):
+        """Copy tile ``tile`` (at ``source``) into buffer tile % SLOTS, then arrive on ``full`` when it lands."""
         slot = tile % SLOTS
         use = tile // SLOTS
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
             async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
-        async_copy.mbarrier_arrive(full.index(slot), increment_count=False)
+        async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
-    def _take_tile(ring, full, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
+    def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
                    D: gl.constexpr, SLOTS: gl.constexpr):
-        """Wait for tile ``tile``, load it into registers as [BLOCKS, RB, D] and release its buffer."""
+        """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
+        release its buffer."""
         slot = tile % SLOTS
-        mbarrier.wait(full.index(slot), (tile // SLOTS) & 1)
+        mbarrier.wait(full, phase & 1)
         values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
         gl.thread_barrier()                              # every warp of this partition has read the buffer
         mbarrier.arrive(free.index(slot))
@@ -258,7 +273,7 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            h = _take_tile(ring, full, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)                # [BLOCKS, RB, D]
+            h = _take_tile(ring, full.index(2 * which), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)
             h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -269,7 +284,7 @@ if GLUON:
 
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
-            s = _take_tile(ring, full, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)           # [BLOCKS, RB, D]
+            s = _take_tile(ring, full.index(2 * which + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)
             s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
             gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
             iterate_b.store(mixed)                         # each thread reads q' back at its rows
@@ -371,9 +386,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"lanes={lanes} is not one of {LANES}")
     if blocks & (blocks - 1) or d % (blocks * lanes):
         raise ValueError(f"blocks={blocks} must be a power of 2 with blocks * lanes ({lanes}) dividing D={d}")
-    if slots < 2 or slots * d * d * 4 > MAX_RING_BYTES:
-        raise ValueError(f"slots={slots}: the pipelined form needs 2 or more [D, D] fp32 buffers within "
-                         f"{MAX_RING_BYTES} bytes of shared memory (D={d})")
+    if form == "pipelined" and d not in PIPELINED_HEAD_DIMS:
+        raise ValueError(f"the pipelined form covers D in {PIPELINED_HEAD_DIMS} (warp-specialized partitions of "
+                         f"4 warps); got D={d}")
+    if slots not in RING_SLOTS:
+        raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     num_items = batch * num_heads
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
