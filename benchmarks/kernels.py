@@ -422,7 +422,6 @@ def section_decode(args, ref, copy_gbps):
 DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
     ("pallas split", "pallas", {"kernel": "pallas"}),
-    ("gluon lanes 1 blocks 8", "pallas", {"kernel": "gluon", "lanes": 1, "blocks": 8}),
     ("gluon persistent", "pallas", {"kernel": "gluon", "form": "persistent"}),
     ("gluon pipelined", "pallas", {"kernel": "gluon", "form": "pipelined"}),
     ("gluon pipelined 2 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 2}),
