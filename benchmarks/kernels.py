@@ -425,6 +425,8 @@ DECODE_VARIANTS = [
     ("gluon persistent", "pallas", {"kernel": "gluon", "form": "persistent"}),
     ("gluon pipelined", "pallas", {"kernel": "gluon", "form": "pipelined"}),
     ("gluon pipelined 2 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 2}),
+    ("gluon pipelined 2 slots 4 loader warps", "pallas",
+     {"kernel": "gluon", "form": "pipelined", "slots": 2, "loader_warps": 4}),
     ("xla", "xla", {}),
 ]
 

@@ -56,6 +56,7 @@ DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the 
 FORMS = ("item", "persistent", "pipelined")
 DEFAULT_FORM = "item"      # measured fastest on an H200 (docs/benchmarks.md)
 DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (3 x 64 KiB at D = 128)
+DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of each partition (setmaxnreg)
@@ -162,7 +163,8 @@ if GLUON:
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
-                          COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                          COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                          LOADER_WARPS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a one-warp
         loader streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (D / 32 warps each) take the items in turn.
@@ -179,7 +181,7 @@ if GLUON:
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
-            mbarrier.init(full.index(index), count=32)
+            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
         iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -196,14 +198,14 @@ if GLUON:
                                           HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
                             (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
                                           COPY_ROWS))],
-                           [D // 32, 1], [SOLVER_REGS, LOADER_REGS])
+                           [D // 32, LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into buffer t % SLOTS once the
         solver has released that buffer's previous tile."""
-        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [128 // D, D // 4], [1, 1], [1, 0])
+        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [128 // D, D // 4], [gl.num_warps(), 1], [1, 0])
         offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
                    + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
         for j in range(count):
@@ -356,7 +358,8 @@ def _multiprocessors() -> int:
 
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
-               precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None) -> GKAResult:
+               precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
+               loader_warps=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -397,7 +400,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS)
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
+                      LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
     else:
         kernel = _decode_kernel
         maxnreg = (DEFAULT_MAXNREG if form == "item" else 0) if maxnreg is None else maxnreg
