@@ -2,7 +2,7 @@
 between cuProfilerStart and cuProfilerStop, so that ncu (``--profile-from-start off``) sees only the
 profiled steps, in the order printed here. On the GPU machine (Firecracker: ncu reads the counters):
 
-    ncu --profile-from-start off --clock-control none --kernel-name regex:gka_gluon_decode \\
+    ncu --profile-from-start off --clock-control none --kernel-name regex:decode \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \\
         python3 benchmarks/profile_decode.py --batches 32,128 --forms item,pipelined
 
@@ -29,12 +29,13 @@ from kernels import decode_states, decode_step, make_inputs, to_jax  # noqa: E40
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="32,128")
-    parser.add_argument("--num-iter", type=int, default=30)
+    parser.add_argument("--num-iter", default="30", help="comma-separated")
     parser.add_argument("--forms", default="item,pipelined", help="gluon_decode forms, optionally form:slots:warps")
     args = parser.parse_args()
     cuda = ctypes.CDLL("libcuda.so.1")
     order = []
-    for b in (int(x) for x in args.batches.split(",")):
+    configs = [(int(b), int(n)) for n in args.num_iter.split(",") for b in args.batches.split(",")]
+    for b, num_iter in configs:
         x = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)
         kk, kv = decode_states(6, b)
         for spec in args.forms.split(","):
@@ -44,7 +45,7 @@ def main():
                 options["slots"] = int(rest[0])
             if len(rest) > 1:
                 options["loader_warps"] = int(rest[1])
-            step = jax.jit(functools.partial(decode_step, backend="pallas", num_iter=args.num_iter,
+            step = jax.jit(functools.partial(decode_step, backend="pallas", num_iter=num_iter,
                                              options=options), donate_argnums=(1, 2))
             h_kk, h_kv = jnp.asarray(kk), jnp.asarray(kv)
             for _ in range(3):
@@ -53,7 +54,7 @@ def main():
             cuda.cuProfilerStart()
             _, h_kk, h_kv = jax.block_until_ready(step(x, h_kk, h_kv))
             cuda.cuProfilerStop()
-            order.append(dict(B=b, num_iter=args.num_iter, **options))
+            order.append(dict(B=b, num_iter=num_iter, **options))
     for number, config in enumerate(order):
         print(f"profiled step {number}: {json.dumps(config)}")
 
