@@ -1,39 +1,105 @@
-"""Decode steps for Nsight Compute: each configuration is compiled and warmed up, then one step runs
-between cuProfilerStart and cuProfilerStop, so that ncu (``--profile-from-start off``) sees only the
-profiled steps, in the order printed here. On the GPU machine (Firecracker: ncu reads the counters):
+"""Where a decode step's GPU time goes. Two modes (shapes as benchmarks/kernels.py: H = 32, Hkv = 8,
+D = 128, bf16 q/k/v, fp32 states):
+
+``--trace`` (default): each configuration runs ``kernels.time_decode_loop``'s 16-step jitted loop once under
+``jax.profiler``; from the trace (CUPTI), the table gives per step the wall time, the GPU span (first kernel
+start to last kernel end, divided by 16), the decode kernel's mean duration, and the other kernels' summed
+duration; "% of copy BW" is the state bytes over the decode kernel's duration against torch's device copy.
+
+``--ncu``: each configuration is compiled and warmed up, then one step runs between cuProfilerStart and
+cuProfilerStop, so that Nsight Compute sees only those steps, in the order printed. On the GPU machine
+(Firecracker: ncu reads the counters):
 
     ncu --profile-from-start off --clock-control none --kernel-name regex:decode \\
-        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \\
-        python3 benchmarks/profile_decode.py --batches 32,128 --forms item,pipelined
+        --section SpeedOfLight --section WarpStateStats python3 benchmarks/profile_decode.py --ncu
 
-Without ncu it just runs the steps (and prints the order). Shapes: H = 32, Hkv = 8, D = 128, bf16 q/k/v,
-fp32 states, as benchmarks/kernels.py.
+Configurations: ``--forms item,pipelined:2:4`` (gluon_decode form[:slots[:loader warps]]), ``--batches``,
+``--num-iter``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import functools
+import glob
 import json
 import os
 import sys
+import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from kernels import decode_states, decode_step, make_inputs, to_jax  # noqa: E402  (benchmarks/kernels.py)
+from kernels import H, D, copy_bandwidth, decode_states, decode_step, make_inputs, to_jax  # noqa: E402
+
+STEPS = 16
+
+
+def loop(step):
+    """``kernels.time_decode_loop``'s loop: STEPS steps, o summed into the carry, states donated."""
+    def many(x, h_kk, h_kv):
+        def body(_, carry):
+            o, h_kk, h_kv = step(x, *carry[1:])
+            return carry[0] + o.astype(jnp.float32), h_kk, h_kv
+        return jax.lax.fori_loop(0, STEPS, body, (jnp.zeros(x["q"].shape, jnp.float32), h_kk, h_kv),
+                                 unroll=True)[1:]
+    return jax.jit(many, donate_argnums=(1, 2))
+
+
+def gpu_kernels(trace_dir):
+    """[(name, start_ns, duration_ns)] of the kernels on the GPU planes of the trace in ``trace_dir``."""
+    from jax.profiler import ProfileData
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    events = []
+    for plane in ProfileData.from_file(path).planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if "stream" in line.name.lower() and "memcpy" not in line.name.lower():
+                    events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+    return sorted(events, key=lambda e: e[1])
+
+
+def trace_row(step, x, kk, kv, copy_gbps, config):
+    run = loop(step)
+    h_kk, h_kv = run(x, jnp.asarray(kk), jnp.asarray(kv))
+    h_kk, h_kv = jax.block_until_ready(run(x, h_kk, h_kv))
+    start = time.perf_counter()
+    h_kk, h_kv = jax.block_until_ready(run(x, h_kk, h_kv))
+    wall_ms = (time.perf_counter() - start) * 1e3 / STEPS
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(run(x, h_kk, h_kv))
+        jax.profiler.stop_trace()
+        events = gpu_kernels(trace_dir)
+    decode = [e for e in events if "decode" in e[0]]
+    others = collections.Counter()
+    for name, _, duration in events:
+        if "decode" not in name:
+            others[name[:40]] += duration / STEPS / 1e3
+    kernel_us = sum(e[2] for e in decode) / max(len(decode), 1) / 1e3
+    span_us = (events[-1][1] + events[-1][2] - events[0][1]) / STEPS / 1e3 if events else float("nan")
+    state_bytes = 2 * 2 * config["B"] * H * D * D * 4
+    return dict(config, wall_us=round(wall_ms * 1e3, 1), gpu_span_us=round(span_us, 1),
+                decode_kernels=len(decode), decode_kernel_us=round(kernel_us, 1),
+                pct_copy_bw_kernel=round(100 * state_bytes / (kernel_us * 1e3) / copy_gbps, 1) if copy_gbps else None,
+                pct_copy_bw_wall=round(100 * state_bytes / (wall_ms * 1e6) / copy_gbps, 1) if copy_gbps else None,
+                other_kernels_us={k: round(v, 2) for k, v in others.most_common(4)})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--num-iter", default="30", help="comma-separated")
-    parser.add_argument("--forms", default="item,pipelined", help="gluon_decode forms, optionally form:slots:warps")
+    parser.add_argument("--forms", default="item,pipelined", help="form[:slots[:loader warps]], comma-separated")
+    parser.add_argument("--ncu", action="store_true", help="one profiled step per configuration, for ncu")
     args = parser.parse_args()
-    cuda = ctypes.CDLL("libcuda.so.1")
-    order = []
+    cuda = ctypes.CDLL("libcuda.so.1") if args.ncu else None
+    copy_gbps = None if args.ncu else copy_bandwidth()
+    rows = []
     configs = [(int(b), int(n)) for n in args.num_iter.split(",") for b in args.batches.split(",")]
     for b, num_iter in configs:
         x = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)
@@ -45,18 +111,23 @@ def main():
                 options["slots"] = int(rest[0])
             if len(rest) > 1:
                 options["loader_warps"] = int(rest[1])
-            step = jax.jit(functools.partial(decode_step, backend="pallas", num_iter=num_iter,
-                                             options=options), donate_argnums=(1, 2))
-            h_kk, h_kv = jnp.asarray(kk), jnp.asarray(kv)
-            for _ in range(3):
-                _, h_kk, h_kv = step(x, h_kk, h_kv)
-            jax.block_until_ready(h_kk)
-            cuda.cuProfilerStart()
-            _, h_kk, h_kv = jax.block_until_ready(step(x, h_kk, h_kv))
-            cuda.cuProfilerStop()
-            order.append(dict(B=b, num_iter=num_iter, **options))
-    for number, config in enumerate(order):
-        print(f"profiled step {number}: {json.dumps(config)}")
+            config = dict(B=b, num_iter=num_iter, **options)
+            step = functools.partial(decode_step, backend="pallas", num_iter=num_iter, options=options)
+            if args.ncu:
+                jitted = jax.jit(step, donate_argnums=(1, 2))
+                h_kk, h_kv = jnp.asarray(kk), jnp.asarray(kv)
+                for _ in range(3):
+                    _, h_kk, h_kv = jitted(x, h_kk, h_kv)
+                jax.block_until_ready(h_kk)
+                cuda.cuProfilerStart()
+                _, h_kk, h_kv = jax.block_until_ready(jitted(x, h_kk, h_kv))
+                cuda.cuProfilerStop()
+                rows.append(config)
+            else:
+                rows.append(trace_row(step, x, kk, kv, copy_gbps, config))
+    print(f"copy bandwidth {copy_gbps} GB/s")
+    for number, row in enumerate(rows):
+        print(f"{'profiled step' if args.ncu else 'row'} {number}: {json.dumps(row)}")
 
 
 if __name__ == "__main__":
