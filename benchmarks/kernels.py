@@ -424,9 +424,9 @@ DECODE_VARIANTS = [
     ("pallas split", "pallas", {"kernel": "pallas"}),
     ("gluon persistent", "pallas", {"kernel": "gluon", "form": "persistent"}),
     ("gluon pipelined", "pallas", {"kernel": "gluon", "form": "pipelined"}),
-    ("gluon pipelined 2 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 2}),
-    ("gluon pipelined 2 slots 4 loader warps", "pallas",
-     {"kernel": "gluon", "form": "pipelined", "slots": 2, "loader_warps": 4}),
+    ("gluon pipelined 4 loader warps", "pallas", {"kernel": "gluon", "form": "pipelined", "loader_warps": 4}),
+    ("gluon pipelined 3 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 3}),
+    ("gluon pipelined S kept", "pallas", {"kernel": "gluon", "form": "pipelined", "value_first": False}),
     ("xla", "xla", {}),
 ]
 

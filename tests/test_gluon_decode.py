@@ -62,12 +62,14 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-@pytest.mark.parametrize("b, slots, loader_warps", [(1, 3, 1), (33, 2, 4), (67, 3, 1), (301, 2, 1), (301, 3, 4)])
-def test_pipelined_form_item_counts(b, slots, loader_warps):
+@pytest.mark.parametrize("b, slots, loader_warps, value_first", [
+    (1, 3, 1, True), (33, 2, 4, True), (67, 3, 1, False), (301, 2, 1, True), (301, 3, 4, False),
+    (301, 2, 4, False)])
+def test_pipelined_form_item_counts(b, slots, loader_warps, value_first):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
     each solver gets none, one or several items and the buffer ring turns over many times."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps)
+    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, value_first=value_first)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
@@ -97,6 +99,16 @@ def test_low_precision_inputs_and_states():
     got = run_gluon(args, 1)
     assert {a.dtype for a in got} == {jnp.dtype(jnp.bfloat16)}
     assert_close(got, run(reference.gka_decode, args, 1), 1e-2)
+
+
+def test_pipelined_form_low_precision_states():
+    """bf16 states in the pipelined form: S is kept in its buffer until o (o from the unrounded S')."""
+    args = decode_inputs(35, b=70, d=128)
+    args.update({n: jnp.asarray(args[n], jnp.bfloat16) for n in ("q", "k", "v") + STATES})
+    got = run_gluon(args, 10, form="pipelined")
+    assert {a.dtype for a in got} == {jnp.dtype(jnp.bfloat16)}
+    assert_close(got, run(reference.gka_decode, args, 10), 1e-2)
+    assert_close(got, run_gluon(args, 10, form="item"), 1e-6)
 
 
 def test_dispatcher_runs_it_on_gpu():

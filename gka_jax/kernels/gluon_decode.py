@@ -55,7 +55,8 @@ LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "persistent", "pipelined")
 DEFAULT_FORM = "item"      # measured fastest on an H200 (docs/benchmarks.md)
-DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (3 x 64 KiB at D = 128)
+DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
+DEFAULT_VALUE_FIRST = True   # pipelined form, fp32 states: S' written before the solve, read back for o
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
 PIPELINED_HEAD_DIMS = (128,)
@@ -164,7 +165,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, VALUE_FIRST: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a one-warp
         loader streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (D / 32 warps each) take the items in turn.
@@ -188,32 +189,36 @@ if GLUON:
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
+        if VALUE_FIRST:     # each item's h_kv tile, then its h_kk tile
+            first_state, second_state = h_kv_ptr, h_kk_ptr
+        else:
+            first_state, second_state = h_kk_ptr, h_kv_ptr
         gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, VALUE_FIRST)),
                             (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, VALUE_FIRST)),
+                            (_ws_loader, (ring, full, free, first_state, second_state, first, stride, count, D, SLOTS,
                                           COPY_ROWS))],
                            [D // 32, LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+    def _ws_loader(ring, full, free, first_state, second_state, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
-        """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into buffer t % SLOTS once the
-        solver has released that buffer's previous tile."""
+        """Tile t = 2 j (+1) is the first (second) state of the program's j-th item, copied into buffer
+        t % SLOTS once the solver has released that buffer's previous tile."""
         COPY: gl.constexpr = gl.BlockedLayout([1, 4], [128 // D, D // 4], [gl.num_warps(), 1], [1, 0])
         offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
                    + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, first_state + state, offsets, D, SLOTS,
                        COPY_ROWS)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
-                       COPY_ROWS)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, second_state + state, offsets, D,
+                       SLOTS, COPY_ROWS)
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
@@ -244,9 +249,12 @@ if GLUON:
                    g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
+                   VALUE_FIRST: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring."""
+        ring. VALUE_FIRST (fp32 states): S' is computed and written first, so that its buffer is released
+        before the solve, and read back (this thread's own writes, from L2) for o after the solve; else S
+        stays in its buffer until o is computed."""
         W: gl.constexpr = D // 32
         RB: gl.constexpr = D // BLOCKS
         L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB // LANES, LANES], [1, LANES, 32 // LANES], [1, 1, W],
@@ -275,7 +283,14 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            h = _take_tile(ring, full.index(2 * which), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)
+            if VALUE_FIRST:
+                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
+                s = _take_tile(ring, full.index(2 * which), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)
+                s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
+                gl.store(h_kv_out_ptr + state + square, s)
+                h = _take_tile(ring, full.index(2 * which + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)
+            else:
+                h = _take_tile(ring, full.index(2 * which), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)
             h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -284,11 +299,14 @@ if GLUON:
             if HAS_ALPHA:
                 mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
-            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
-            s = _take_tile(ring, full.index(2 * which + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)
-            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
+            if VALUE_FIRST:   # volatile: a load from memory, not the value stored before the solve (registers)
+                s = gl.load(h_kv_out_ptr + state + square, volatile=True)                   # [BLOCKS, RB, D]
+            else:
+                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
+                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
+                s = _take_tile(ring, full.index(2 * which + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)
+                s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
+                gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
             iterate_b.store(mixed)                         # each thread reads q' back at its rows
             mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
@@ -359,7 +377,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None) -> GKAResult:
+               loader_warps=None, value_first=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -400,8 +418,10 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
+        value_first = DEFAULT_VALUE_FIRST if value_first is None else value_first
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
+                      LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS,
+                      VALUE_FIRST=bool(value_first) and h_kv.dtype == jnp.float32)
     else:
         kernel = _decode_kernel
         maxnreg = (DEFAULT_MAXNREG if form == "item" else 0) if maxnreg is None else maxnreg
