@@ -53,7 +53,7 @@ KERNELS = {
                        h_kv_out_ptr="*fp32"),
         constants=dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
                        HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES, SLOTS=3, COPY_ROWS=8,
-                       SOLVER_REGS=192, LOADER_REGS=40, LOADER_WARPS=1, VALUE_FIRST=True),
+                       SOLVERS=2, SOLVER_REGS=192, LOADER_REGS=40, LOADER_WARPS=1),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")
@@ -73,10 +73,11 @@ def compile_kernel(kind: str, d: int, num_iter: int, overrides: dict):
     spec = KERNELS[kind]
     fn = spec["fn"]()
     constants = {**spec["constants"], "D": d, "NUM_ITER": num_iter, **overrides}
+    warps = constants.pop("WARPS", None)   # --const WARPS=8: the kernel's num_warps
     signature = {**spec["signature"], **{name: "constexpr" for name in constants}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name].startswith("*")}
-    options = {"num_warps": spec["warps"](d), "num_stages": 1}
+    options = {"num_warps": warps or spec["warps"](d), "num_stages": 1}
     if constants.get("MAXNREG"):
         options["maxnreg"] = int(constants["MAXNREG"])
     source = gluon_call.GluonASTSource(fn, signature, constants, attrs)

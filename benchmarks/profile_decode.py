@@ -24,7 +24,6 @@ import argparse
 import collections
 import ctypes
 import functools
-import glob
 import json
 import os
 import sys
@@ -35,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from kernels import H, D, copy_bandwidth, decode_states, decode_step, make_inputs, to_jax  # noqa: E402
+from kernels import (H, D, copy_bandwidth, decode_states, decode_step, gpu_kernel_events, make_inputs,  # noqa: E402
+                     to_jax)
 
 STEPS = 16
 
@@ -51,19 +51,6 @@ def loop(step):
     return jax.jit(many, donate_argnums=(1, 2))
 
 
-def gpu_kernels(trace_dir):
-    """[(name, start_ns, duration_ns)] of the kernels on the GPU planes of the trace in ``trace_dir``."""
-    from jax.profiler import ProfileData
-    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    events = []
-    for plane in ProfileData.from_file(path).planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if "stream" in line.name.lower() and "memcpy" not in line.name.lower():
-                    events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-    return sorted(events, key=lambda e: e[1])
-
-
 def trace_row(step, x, kk, kv, copy_gbps, config):
     run = loop(step)
     h_kk, h_kv = run(x, jnp.asarray(kk), jnp.asarray(kv))
@@ -75,7 +62,7 @@ def trace_row(step, x, kk, kv, copy_gbps, config):
         jax.profiler.start_trace(trace_dir)
         jax.block_until_ready(run(x, h_kk, h_kv))
         jax.profiler.stop_trace()
-        events = gpu_kernels(trace_dir)
+        events = gpu_kernel_events(trace_dir)
     decode = [e for e in events if "decode" in e[0]]
     others = collections.Counter()
     for name, _, duration in events:

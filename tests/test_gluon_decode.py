@@ -62,14 +62,15 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-@pytest.mark.parametrize("b, slots, loader_warps, value_first", [
-    (1, 3, 1, True), (33, 2, 4, True), (67, 3, 1, False), (301, 2, 1, True), (301, 3, 4, False),
-    (301, 2, 4, False)])
-def test_pipelined_form_item_counts(b, slots, loader_warps, value_first):
+@pytest.mark.parametrize("b, slots, loader_warps, solvers, solver_warps", [
+    (1, 3, 1, 1, 8), (33, 2, 4, 2, 4), (67, 3, 1, 1, 8), (301, 2, 1, 2, 4), (301, 3, 4, 1, 8),
+    (301, 2, 1, 1, 4), (134, 2, 1, 2, 8)])
+def test_pipelined_form_item_counts(b, slots, loader_warps, solvers, solver_warps):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
     each solver gets none, one or several items and the buffer ring turns over many times."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, value_first=value_first)
+    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, solvers=solvers,
+                    solver_warps=solver_warps)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
@@ -79,11 +80,12 @@ def test_zero_state_first_token():
     assert_close(run_gluon(args, 30), run_oracle(args, 30), 1e-4)
 
 
-def test_donated_states_are_updated_in_place():
+@pytest.mark.parametrize("form", ["item", "pipelined"])
+def test_donated_states_are_updated_in_place(form):
     args = decode_inputs(21, d=128, g_kk=True)
     want = run(reference.gka_decode, args, 30)
     step = jax.jit(functools.partial(gluon_decode.gka_decode, num_iter=30, ridge_strength=RIDGE,
-                                     scale=128 ** -0.5), donate_argnums=(6, 7))
+                                     scale=128 ** -0.5, form=form), donate_argnums=(6, 7))
     arrays = [jnp.asarray(args[n]) for n in NAMES + STATES]
     compiled = step.lower(*arrays, g_kk=jnp.asarray(args["g_kk"])).compile()
     assert "input_output_alias" in compiled.as_text()
@@ -102,7 +104,8 @@ def test_low_precision_inputs_and_states():
 
 
 def test_pipelined_form_low_precision_states():
-    """bf16 states in the pipelined form: S is kept in its buffer until o (o from the unrounded S')."""
+    """bf16 states in the pipelined form: bf16 buffers, 8 elements per 16-byte copy; same results as the
+    one-program-per-item form."""
     args = decode_inputs(35, b=70, d=128)
     args.update({n: jnp.asarray(args[n], jnp.bfloat16) for n in ("q", "k", "v") + STATES})
     got = run_gluon(args, 10, form="pipelined")

@@ -56,11 +56,12 @@ DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the 
 FORMS = ("item", "persistent", "pipelined")
 DEFAULT_FORM = "item"      # measured fastest on an H200 (docs/benchmarks.md)
 DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
-DEFAULT_VALUE_FIRST = True   # pipelined form, fp32 states: S' written before the solve, read back for o
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
 PIPELINED_HEAD_DIMS = (128,)
-SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of each partition (setmaxnreg)
+DEFAULT_SOLVERS, DEFAULT_SOLVER_WARPS = 2, 4   # pipelined form: solver partitions and the warps of each
+SOLVER_REGS = {4: 192, 8: 128}   # pipelined form: registers per thread of a second solver (setmaxnreg)
+LOADER_REGS = 40
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -76,9 +77,8 @@ if GLUON:
         W: gl.constexpr = gl.num_warps()
         RB: gl.constexpr = D // BLOCKS
         # H as [BLOCKS, RB, D]: a thread holds LANES adjacent columns (16-byte accesses at LANES = 4) in the
-        # rows of its row lane (LANES lanes share the rows of a block).
-        L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB // LANES, LANES], [1, LANES, 32 // LANES], [1, 1, W],
-                                            [2, 1, 0])
+        # rows of its row lane (with D / 32 warps, LANES row lanes share the rows of a block).
+        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, W)
         ROW: gl.constexpr = gl.SliceLayout(2, L3)                      # [BLOCKS, RB]: a thread's rows
         COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))   # [D]: a thread's columns
         # Copies to shared memory: 16 bytes per thread and instruction, a warp over whole rows.
@@ -164,61 +164,66 @@ if GLUON:
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
-                          COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, VALUE_FIRST: gl.constexpr):
-        """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a one-warp
-        loader streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
-        buffers by cp.async, and two solver partitions (D / 32 warps each) take the items in turn.
+                          COPY_ROWS: gl.constexpr, SOLVERS: gl.constexpr, SOLVER_REGS: gl.constexpr,
+                          LOADER_REGS: gl.constexpr, LOADER_WARPS: gl.constexpr):
+        """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
+        partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
+        buffers by cp.async, and SOLVERS solver partitions (num_warps warps each) take the items in turn.
 
-        Phases: the loader waits on free[slot] for the uses of each buffer in order. Each full barrier has one
-        waiter (its solver), which waits for its phases in order; phase n + 1 of a solver's full barrier
-        cannot complete before the solver has waited for phase n, because the loader fills tiles in order and
-        with SLOTS <= 3 the tile after the solver's next one reuses a buffer that the solver releases only
-        after that wait. (An mbarrier wait compares phase parities, so a waiter must never fall two phases
-        behind.)"""
-        ring = gl.allocate_shared_memory(gl.float32, [SLOTS, D, D], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        # full[2 c + 0 / 1]: solver c's next h_kk / h_kv tile has landed (each loader lane arrives once its
-        # copies have); free[slot]: the solver that read the buffer is done with it.
+        Barriers: full[2 (j % 2) + 0 / 1] says that item j's h_kk / h_kv tile has landed (each loader lane
+        arrives once its copies have); free[slot] that the solver which read the buffer is done with it. The
+        loader waits for the uses of each buffer in order. A full barrier's phase n + 1 (item j + 2) cannot
+        complete before its solver has waited for phase n (item j): the loader fills tiles in order, and with
+        SLOTS <= 3 item j + 2's first tile reuses a buffer released only after item j's last wait. (An mbarrier
+        wait compares phase parities, so a waiter must never fall two phases behind.)"""
+        ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
+                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
             mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
-        iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        iterates = gl.allocate_shared_memory(gl.float32, [2 * SOLVERS, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        if VALUE_FIRST:     # each item's h_kv tile, then its h_kk tile
-            first_state, second_state = h_kv_ptr, h_kk_ptr
+        if SOLVERS == 1:
+            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                              g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, SOLVERS)),
+                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
+                                              SLOTS, COPY_ROWS))],
+                               [LOADER_WARPS], [LOADER_REGS])
         else:
-            first_state, second_state = h_kk_ptr, h_kv_ptr
-        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
-                                          g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
-                                          h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, VALUE_FIRST)),
-                            (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
-                                          g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
-                                          h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, VALUE_FIRST)),
-                            (_ws_loader, (ring, full, free, first_state, second_state, first, stride, count, D, SLOTS,
-                                          COPY_ROWS))],
-                           [D // 32, LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
+            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                              g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, SOLVERS)),
+                                (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                              g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, SOLVERS)),
+                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
+                                              SLOTS, COPY_ROWS))],
+                               [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, first_state, second_state, first, stride, count, D: gl.constexpr,
+    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
-        """Tile t = 2 j (+1) is the first (second) state of the program's j-th item, copied into buffer
-        t % SLOTS once the solver has released that buffer's previous tile."""
-        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [128 // D, D // 4], [gl.num_warps(), 1], [1, 0])
+        """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into buffer t % SLOTS once the
+        solver has released that buffer's previous tile."""
+        VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
+        COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
                    + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, first_state + state, offsets, D, SLOTS,
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
                        COPY_ROWS)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, second_state + state, offsets, D,
-                       SLOTS, COPY_ROWS)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
+                       COPY_ROWS)
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
@@ -249,16 +254,11 @@ if GLUON:
                    g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
-                   VALUE_FIRST: gl.constexpr):
-        """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring. VALUE_FIRST (fp32 states): S' is computed and written first, so that its buffer is released
-        before the solve, and read back (this thread's own writes, from L2) for o after the solve; else S
-        stays in its buffer until o is computed."""
-        W: gl.constexpr = D // 32
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, SOLVERS: gl.constexpr):
+        """Items j = which, which + SOLVERS, ... of this program: the step of ``_decode_kernel`` on tiles from
+        the ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
-        L3: gl.constexpr = gl.BlockedLayout([BLOCKS, RB // LANES, LANES], [1, LANES, 32 // LANES], [1, 1, W],
-                                            [2, 1, 0])
+        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
         COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
         rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
@@ -267,7 +267,7 @@ if GLUON:
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
         iterate_a = iterates.index(2 * which)
         iterate_b = iterates.index(2 * which + 1)
-        for j in range(which, count, 2):
+        for j in range(which, count, SOLVERS):
             item = first + j * stride                   # item = b * H + h
             head = item % NUM_HEADS
             kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
@@ -283,14 +283,8 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            if VALUE_FIRST:
-                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
-                s = _take_tile(ring, full.index(2 * which), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)
-                s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-                gl.store(h_kv_out_ptr + state + square, s)
-                h = _take_tile(ring, full.index(2 * which + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)
-            else:
-                h = _take_tile(ring, full.index(2 * which), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS)
+            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS).to(
+                gl.float32)
             h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -299,19 +293,26 @@ if GLUON:
             if HAS_ALPHA:
                 mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
-            if VALUE_FIRST:   # volatile: a load from memory, not the value stored before the solve (registers)
-                s = gl.load(h_kv_out_ptr + state + square, volatile=True)                   # [BLOCKS, RB, D]
-            else:
-                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
-                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
-                s = _take_tile(ring, full.index(2 * which + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D, SLOTS)
-                s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-                gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
+            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
+            s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
+                           SLOTS).to(gl.float32)
+            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
+            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
             iterate_b.store(mixed)                         # each thread reads q' back at its rows
             mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
             gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
+
+    @gluon.constexpr_function
+    def _state_layout(D, BLOCKS, LANES, WARPS):
+        """[BLOCKS, D / BLOCKS, D] over WARPS warps: a thread holds LANES adjacent columns in some rows of each
+        row block; a warp's threads span D / (WARPS LANES) column groups and the rest of 32 row lanes."""
+        column_lanes = D // (WARPS * LANES)
+        row_lanes = 32 // column_lanes
+        return gl.BlockedLayout([BLOCKS, D // BLOCKS // row_lanes, LANES], [1, row_lanes, column_lanes],
+                                [1, 1, WARPS], [2, 1, 0])
 
     @gluon.jit
     def _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr,
@@ -377,7 +378,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, value_first=None) -> GKAResult:
+               loader_warps=None, solvers=None, solver_warps=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -407,6 +408,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"lanes={lanes} is not one of {LANES}")
     if blocks & (blocks - 1) or d % (blocks * lanes):
         raise ValueError(f"blocks={blocks} must be a power of 2 with blocks * lanes ({lanes}) dividing D={d}")
+    if form == "pipelined" and h_kk.dtype != h_kv.dtype:
+        raise ValueError(f"the pipelined form needs h_kk and h_kv of one dtype; got {h_kk.dtype}, {h_kv.dtype}")
     if form == "pipelined" and d not in PIPELINED_HEAD_DIMS:
         raise ValueError(f"the pipelined form covers D in {PIPELINED_HEAD_DIMS} (warp-specialized partitions of "
                          f"4 warps); got D={d}")
@@ -416,12 +419,15 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
+    num_warps = d // 32
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        value_first = DEFAULT_VALUE_FIRST if value_first is None else value_first
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS,
-                      VALUE_FIRST=bool(value_first) and h_kv.dtype == jnp.float32)
+        solvers, warps = solvers or DEFAULT_SOLVERS, solver_warps or DEFAULT_SOLVER_WARPS
+        if solvers not in (1, 2) or warps not in (4, 8):
+            raise ValueError(f"solvers={solvers}, solver_warps={warps}: expected 1 or 2 solvers of 4 or 8 warps")
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVERS=solvers, SOLVER_REGS=SOLVER_REGS[warps],
+                      LOADER_REGS=LOADER_REGS, LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
+        num_warps = warps
     else:
         kernel = _decode_kernel
         maxnreg = (DEFAULT_MAXNREG if form == "item" else 0) if maxnreg is None else maxnreg
@@ -435,7 +441,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                    jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
                    jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],
         grid=(programs,),
-        num_warps=d // 32,
+        num_warps=num_warps,
         input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)
         name="gka_gluon_decode",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
