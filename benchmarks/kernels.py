@@ -407,7 +407,7 @@ def section_decode(args, ref, copy_gbps):
         for num_iter in (30, 10):
             row = dict(B=b, num_iter=num_iter, state_MB=bytes_moved / 2 / 1e6)
             for label, backend, options in DECODE_VARIANTS:
-                if args.smoke and options:
+                if args.smoke and options or any(part and part in label for part in args.skip_decode.split(",")):
                     continue
                 step = jax.jit(functools.partial(decode_step, backend=backend, num_iter=num_iter, options=options),
                                donate_argnums=(1, 2))
@@ -447,11 +447,11 @@ DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
     ("pallas split", "pallas", {"kernel": "pallas"}),
     ("gluon persistent", "pallas", {"kernel": "gluon", "form": "persistent"}),
-    ("gluon pipelined", "pallas", {"kernel": "gluon", "form": "pipelined"}),
-    ("gluon pipelined 1x8 warps 3 slots", "pallas",
-     {"kernel": "gluon", "form": "pipelined", "solvers": 1, "solver_warps": 8, "slots": 3}),
-    ("gluon pipelined 1x8 warps 2 slots", "pallas",
-     {"kernel": "gluon", "form": "pipelined", "solvers": 1, "solver_warps": 8, "slots": 2}),
+    ("gluon item", "pallas", {"kernel": "gluon", "form": "item"}),
+    ("gluon pipelined split value", "pallas", {"kernel": "gluon", "form": "pipelined", "split_value": True}),
+    ("gluon pipelined split value 4 loader warps", "pallas",
+     {"kernel": "gluon", "form": "pipelined", "split_value": True, "loader_warps": 4}),
+    ("gluon pipelined 3 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 3}),
     ("xla", "xla", {}),
 ]
 
@@ -548,6 +548,7 @@ def main():
     parser.add_argument("--sections", default="errors,prefill,decode,layer")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--lengths", default="4096,16384", help="prefill lengths T")
+    parser.add_argument("--skip-decode", default="", help="comma-separated parts of decode variant labels to skip")
     parser.add_argument("--no-variants", action="store_true", help="skip the prefill tuning variants")
     parser.add_argument("--variants", default="", help="comma-separated names: only these prefill variants")
     parser.add_argument("--smoke", action="store_true",

@@ -157,6 +157,11 @@ def test_decode_kernel_choice():
         kernels.decode_kernel(*arrays(128), kernel="gluon", gluon_available=False)
     with pytest.raises(ValueError, match="is not one of"):
         kernels.decode_kernel(*arrays(128), kernel="cuda")
+    # The Gluon kernel's form: pipelined (persistent, warp-specialized) where every SM gets an item.
+    from gka_jax.kernels.gluon_decode import default_form
+    assert default_form(128, 32 * 32, 132) == "pipelined"
+    assert default_form(128, 1 * 32, 132) == "item"
+    assert default_form(64, 32 * 32, 132) == "item"
 
 
 def test_gluon_kernels_need_the_releases_they_were_written_for():

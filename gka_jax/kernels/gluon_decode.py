@@ -54,14 +54,12 @@ DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "persistent", "pipelined")
-DEFAULT_FORM = "item"      # measured fastest on an H200 (docs/benchmarks.md)
 DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
 PIPELINED_HEAD_DIMS = (128,)
-DEFAULT_SOLVERS, DEFAULT_SOLVER_WARPS = 2, 4   # pipelined form: solver partitions and the warps of each
-SOLVER_REGS = {4: 192, 8: 128}   # pipelined form: registers per thread of a second solver (setmaxnreg)
-LOADER_REGS = 40
+DEFAULT_SPLIT_VALUE = False   # pipelined form: two solvers (False) or a solver and a value partition (True)
+WORKER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second partition, the loader
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -164,50 +162,66 @@ if GLUON:
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
-                          COPY_ROWS: gl.constexpr, SOLVERS: gl.constexpr, SOLVER_REGS: gl.constexpr,
+                          COPY_ROWS: gl.constexpr, SPLIT_VALUE: gl.constexpr, WORKER_REGS: gl.constexpr,
                           LOADER_REGS: gl.constexpr, LOADER_WARPS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
-        buffers by cp.async, and SOLVERS solver partitions (num_warps warps each) take the items in turn.
+        buffers by cp.async. Either two solver partitions (num_warps warps each) take the items in turn and
+        do all of each item's step, or (SPLIT_VALUE) one solver does h_kk, the solve and x, and hands q' to a
+        value partition that does h_kv and o, so that the h_kv buffer is released before the solve.
 
         Barriers: full[2 (j % 2) + 0 / 1] says that item j's h_kk / h_kv tile has landed (each loader lane
-        arrives once its copies have); free[slot] that the solver which read the buffer is done with it. The
-        loader waits for the uses of each buffer in order. A full barrier's phase n + 1 (item j + 2) cannot
-        complete before its solver has waited for phase n (item j): the loader fills tiles in order, and with
-        SLOTS <= 3 item j + 2's first tile reuses a buffer released only after item j's last wait. (An mbarrier
-        wait compares phase parities, so a waiter must never fall two phases behind.)"""
+        arrives once its copies have); free[slot] that the partition which read the buffer is done with it;
+        ready / taken[j % 2] that q' of item j is in (was read from) mixed[j % 2]. Each barrier has one waiter
+        partition, which waits for its phases in order, and its phase n + 1 (item j + 2) cannot complete before
+        that waiter has waited for phase n (item j): the loader fills tiles in order, and with the SLOTS allowed
+        (3 for two solvers, 2 with SPLIT_VALUE) item j + 2's first tile reuses a buffer released only after
+        item j's waits. (An mbarrier wait compares phase parities: a waiter must never fall two phases
+        behind.)"""
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        taken = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
             mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
-        iterates = gl.allocate_shared_memory(gl.float32, [2 * SOLVERS, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        for index in gl.static_range(2):
+            mbarrier.init(ready.index(index), count=1)
+            mbarrier.init(taken.index(index), count=1)
+        iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        mixed = gl.allocate_shared_memory(gl.float32, [2, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        if SOLVERS == 1:
-            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
-                                              g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, SOLVERS)),
+        if SPLIT_VALUE:
+            gl.warp_specialize([(_ws_solver, (0, 1, ring, full, free, iterates, mixed, ready, taken, q_ptr, k_ptr,
+                                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
+                                              stride, count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS,
+                                              GROUP, D, NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES,
+                                              SLOTS, SPLIT_VALUE)),
+                                (_ws_value, (ring, full, free, mixed, ready, taken, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                             scale, first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D,
+                                             BLOCKS, HAS_BETA, LANES, SLOTS)),
                                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
                                               SLOTS, COPY_ROWS))],
-                               [LOADER_WARPS], [LOADER_REGS])
+                               [gl.num_warps(), LOADER_WARPS], [WORKER_REGS, LOADER_REGS])
         else:
-            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
-                                              g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, SOLVERS)),
-                                (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
-                                              g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, SOLVERS)),
+            gl.warp_specialize([(_ws_solver, (0, 2, ring, full, free, iterates, mixed, ready, taken, q_ptr, k_ptr,
+                                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
+                                              stride, count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS,
+                                              GROUP, D, NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES,
+                                              SLOTS, SPLIT_VALUE)),
+                                (_ws_solver, (1, 2, ring, full, free, iterates, mixed, ready, taken, q_ptr, k_ptr,
+                                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
+                                              stride, count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS,
+                                              GROUP, D, NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES,
+                                              SLOTS, SPLIT_VALUE)),
                                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
                                               SLOTS, COPY_ROWS))],
-                               [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
+                               [gl.num_warps(), LOADER_WARPS], [WORKER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
@@ -250,13 +264,14 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
-                   g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
-                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                   NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, SOLVERS: gl.constexpr):
-        """Items j = which, which + SOLVERS, ... of this program: the step of ``_decode_kernel`` on tiles from
-        the ring (S stays in its buffer until o is computed)."""
+    def _ws_solver(which: gl.constexpr, step: gl.constexpr, ring, full, free, iterates, mixed, ready, taken,
+                   q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
+                   o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                   D: gl.constexpr, NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr,
+                   HAS_ALPHA: gl.constexpr, HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
+                   SPLIT_VALUE: gl.constexpr):
+        """Items j = which, which + step, ... of this program: the step of ``_decode_kernel`` on tiles from the
+        ring; with SPLIT_VALUE, up to q', which goes to the value partition (``_ws_value``)."""
         RB: gl.constexpr = D // BLOCKS
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
@@ -267,7 +282,7 @@ if GLUON:
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
         iterate_a = iterates.index(2 * which)
         iterate_b = iterates.index(2 * which + 1)
-        for j in range(which, count, SOLVERS):
+        for j in range(which, count, step):
             item = first + j * stride                   # item = b * H + h
             head = item % NUM_HEADS
             kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
@@ -289,21 +304,63 @@ if GLUON:
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
-            mixed = x
+            q_mixed = x
             if HAS_ALPHA:
-                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+                q_mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
+            if SPLIT_VALUE:   # q' to the value partition, through mixed[j % 2]
+                mbarrier.wait(taken.index(j % 2), (j // 2 + 1) & 1, pred=j >= 2)   # item j - 2's q' was read
+                mixed.index(j % 2).store(q_mixed)
+                gl.thread_barrier()
+                mbarrier.arrive(ready.index(j % 2))
+            else:
+                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
+                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
+                s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
+                               SLOTS).to(gl.float32)
+                s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
+                gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
+                iterate_b.store(q_mixed)                       # each thread reads q' back at its rows
+                mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
+                o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)        # [D]
+                gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+                gl.thread_barrier()                            # the iterate buffers are reused by the next item
+
+    @gluon.jit
+    def _ws_value(ring, full, free, mixed, ready, taken, k_ptr, v_ptr, beta_ptr, g_ptr, scale, first, stride,
+                  count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                  BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
+        """SPLIT_VALUE: every item's S' = exp(g) S + k v^T (written back as soon as its tile is in registers,
+        which releases the buffer), then o = scale S'^T q' once the solver has handed over q'."""
+        RB: gl.constexpr = D // BLOCKS
+        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
+        ROW: gl.constexpr = gl.SliceLayout(2, L3)
+        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
+        rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
+                + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
+        cols = gl.arange(0, D, layout=COL)                                                # [D]
+        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
+        for j in range(count):
+            item = first + j * stride
+            head = item % NUM_HEADS
+            kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
+            state = item.to(gl.int64) * (D * D)
+            beta = 1.0
+            if HAS_BETA:
+                beta = gl.load(beta_ptr + item).to(gl.float32)
+            g = gl.load(g_ptr + item).to(gl.float32)
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS).to(gl.float32)
+                           SLOTS).to(gl.float32)                                           # [BLOCKS, RB, D]
             s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
             gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
-            iterate_b.store(mixed)                         # each thread reads q' back at its rows
-            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
+            mbarrier.wait(ready.index(j % 2), (j // 2) & 1)
+            mixed_all = mixed.index(j % 2).reshape([BLOCKS, RB]).load(ROW)                 # q' at this thread's rows
+            gl.thread_barrier()
+            mbarrier.arrive(taken.index(j % 2))
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
             gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
-            gl.thread_barrier()                            # the iterate buffers are reused by the next item
 
     @gluon.constexpr_function
     def _state_layout(D, BLOCKS, LANES, WARPS):
@@ -368,6 +425,14 @@ def supports(q, k, v, h_kk, h_kv) -> bool:
         and h_kv.shape[-2:] == (d, dv)
 
 
+def default_form(d: int, num_items: int, multiprocessors: int) -> str:
+    """The pipelined form where it covers D and every SM gets an item (B H >= #SMs): on an H200 it took
+    0.091 / 0.312 ms against 0.111 / 0.358 for one program per item at B = 32 / 128, num_iter 30; with fewer
+    items than SMs each program has one item and nothing to overlap, so one program per item
+    (docs/benchmarks.md)."""
+    return "pipelined" if d in PIPELINED_HEAD_DIMS and num_items >= multiprocessors else "item"
+
+
 def _multiprocessors() -> int:
     """Streaming multiprocessors of the first GPU (132 on an H100/H200 SXM when jax does not say)."""
     try:
@@ -378,19 +443,21 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, solvers=None, solver_warps=None) -> GKAResult:
+               loader_warps=None, split_value=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
     h_kk [B, H, D, D], h_kv [B, H, D, Dv] states (computed in float32, returned in their own dtype, written
     in place when donated). ``precision`` is accepted for signature compatibility: every product is an fp32
-    multiply-add. Tuning: ``form`` (``FORMS``, default ``DEFAULT_FORM``): "item" (one program per (b, h), S
+    multiply-add. Tuning: ``form`` (``FORMS``; default ``default_form``): "item" (one program per (b, h), S
     prefetched, several programs per SM), "persistent" (one program per SM walking the items, both states
-    of the next item prefetched) or "pipelined" (persistent and warp-specialized: a loader warp streams the
-    states through ``slots`` shared-memory buffers, default ``DEFAULT_SLOTS``, to two solver partitions);
-    ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``); ``lanes``
-    (``LANES``: columns per thread, default ``DEFAULT_LANES``); ``maxnreg`` (register cap per thread for the
-    "item" and "persistent" forms; default ``DEFAULT_MAXNREG`` for "item", none for "persistent"; 0 for none).
+    of the next item prefetched) or "pipelined" (D = 128: persistent and warp-specialized, a loader warp
+    streams the states through ``slots`` (``RING_SLOTS``, default ``DEFAULT_SLOTS``) shared-memory buffers
+    to two solver partitions, or with ``split_value`` to a solver and a value partition; ``loader_warps``
+    1 or 4); ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``);
+    ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``); ``maxnreg`` (register cap per
+    thread for the "item" and "persistent" forms; default ``DEFAULT_MAXNREG`` for "item", none for
+    "persistent"; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -400,7 +467,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"the Gluon decode kernel covers D = Dv in {HEAD_DIMS} and whole GQA groups; got "
                          f"q {q.shape}, k {k.shape}, v {v.shape}, h_kk {h_kk.shape}, h_kv {h_kv.shape}")
     batch, num_heads, d = q.shape
-    form = form or DEFAULT_FORM
+    num_items = batch * num_heads
+    form = form or default_form(d, num_items, _multiprocessors())
     blocks, lanes, slots = blocks or DEFAULT_BLOCKS, lanes or DEFAULT_LANES, slots or DEFAULT_SLOTS
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not one of {FORMS}")
@@ -415,19 +483,17 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"4 warps); got D={d}")
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
-    num_items = batch * num_heads
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     num_warps = d // 32
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        solvers, warps = solvers or DEFAULT_SOLVERS, solver_warps or DEFAULT_SOLVER_WARPS
-        if solvers not in (1, 2) or warps not in (4, 8):
-            raise ValueError(f"solvers={solvers}, solver_warps={warps}: expected 1 or 2 solvers of 4 or 8 warps")
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVERS=solvers, SOLVER_REGS=SOLVER_REGS[warps],
+        split_value = DEFAULT_SPLIT_VALUE if split_value is None else split_value
+        if split_value and slots != 2:
+            raise ValueError(f"split_value needs slots=2 (the phase order of the kernel's barriers); got {slots}")
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SPLIT_VALUE=bool(split_value), WORKER_REGS=WORKER_REGS,
                       LOADER_REGS=LOADER_REGS, LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
-        num_warps = warps
     else:
         kernel = _decode_kernel
         maxnreg = (DEFAULT_MAXNREG if form == "item" else 0) if maxnreg is None else maxnreg
