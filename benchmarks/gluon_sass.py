@@ -53,7 +53,7 @@ KERNELS = {
                        h_kv_out_ptr="*fp32"),
         constants=dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
                        HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES, SLOTS=2, COPY_ROWS=8,
-                       SPLIT_VALUE=False, WORKER_REGS=192, LOADER_REGS=40, LOADER_WARPS=1),
+                       SOLVER_REGS=192, LOADER_REGS=40, LOADER_WARPS=1),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")

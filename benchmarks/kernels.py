@@ -448,9 +448,7 @@ DECODE_VARIANTS = [
     ("pallas split", "pallas", {"kernel": "pallas"}),
     ("gluon persistent", "pallas", {"kernel": "gluon", "form": "persistent"}),
     ("gluon item", "pallas", {"kernel": "gluon", "form": "item"}),
-    ("gluon pipelined split value", "pallas", {"kernel": "gluon", "form": "pipelined", "split_value": True}),
-    ("gluon pipelined split value 4 loader warps", "pallas",
-     {"kernel": "gluon", "form": "pipelined", "split_value": True, "loader_warps": 4}),
+    ("gluon pipelined 4 loader warps", "pallas", {"kernel": "gluon", "form": "pipelined", "loader_warps": 4}),
     ("gluon pipelined 3 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 3}),
     ("xla", "xla", {}),
 ]

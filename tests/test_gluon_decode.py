@@ -62,23 +62,22 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-@pytest.mark.parametrize("b, slots, loader_warps, split_value", [
-    (1, 2, 1, True), (33, 2, 4, True), (67, 3, 1, False), (301, 2, 1, True), (301, 3, 4, False),
-    (301, 2, 1, False), (134, 2, 4, True)])
-def test_pipelined_form_item_counts(b, slots, loader_warps, split_value):
+@pytest.mark.parametrize("b, slots, loader_warps", [(1, 2, 1), (33, 2, 4), (67, 3, 1), (301, 2, 1), (301, 3, 4),
+                                                     (134, 2, 4)])
+def test_pipelined_form_item_counts(b, slots, loader_warps):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
-    each partition gets none, one or several items and the buffer ring turns over many times."""
+    each solver gets none, one or several items and the buffer ring turns over many times."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, split_value=split_value)
+    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
-    with pytest.raises(ValueError, match="split_value needs slots=2"):
-        run_gluon(args, 10, form="pipelined", slots=3, split_value=True)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
         run_gluon(args, 10, form="pipelined", slots=4)
+    with pytest.raises(ValueError, match="pipelined form covers D in"):
+        run_gluon(decode_inputs(12, b=2, d=64), 10, form="pipelined")
 
 
 def test_zero_state_first_token():
@@ -116,12 +115,10 @@ def test_pipelined_form_low_precision_states():
     one bf16 ulp apart)."""
     args = decode_inputs(35, b=70, d=128)
     args.update({n: jnp.asarray(args[n], jnp.bfloat16) for n in ("q", "k", "v") + STATES})
-    item_form = run_gluon(args, 10, form="item")
-    for split_value in (False, True):
-        got = run_gluon(args, 10, form="pipelined", split_value=split_value)
-        assert {a.dtype for a in got} == {jnp.dtype(jnp.bfloat16)}
-        assert_close(got, run(reference.gka_decode, args, 10), 1e-2)
-        assert_close(got, item_form, 2e-4)
+    got = run_gluon(args, 10, form="pipelined")
+    assert {a.dtype for a in got} == {jnp.dtype(jnp.bfloat16)}
+    assert_close(got, run(reference.gka_decode, args, 10), 1e-2)
+    assert_close(got, run_gluon(args, 10, form="item"), 2e-4)
 
 
 def test_dispatcher_runs_it_on_gpu():

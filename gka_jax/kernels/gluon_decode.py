@@ -58,8 +58,7 @@ DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memor
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
 PIPELINED_HEAD_DIMS = (128,)
-DEFAULT_SPLIT_VALUE = False   # pipelined form: two solvers (False) or a solver and a value partition (True)
-WORKER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second partition, the loader
+SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -162,66 +161,41 @@ if GLUON:
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
-                          COPY_ROWS: gl.constexpr, SPLIT_VALUE: gl.constexpr, WORKER_REGS: gl.constexpr,
-                          LOADER_REGS: gl.constexpr, LOADER_WARPS: gl.constexpr):
+                          COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                          LOADER_WARPS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
-        buffers by cp.async. Either two solver partitions (num_warps warps each) take the items in turn and
-        do all of each item's step, or (SPLIT_VALUE) one solver does h_kk, the solve and x, and hands q' to a
-        value partition that does h_kv and o, so that the h_kv buffer is released before the solve.
+        buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
 
         Barriers: full[2 (j % 2) + 0 / 1] says that item j's h_kk / h_kv tile has landed (each loader lane
-        arrives once its copies have); free[slot] that the partition which read the buffer is done with it;
-        ready / taken[j % 2] that q' of item j is in (was read from) mixed[j % 2]. Each barrier has one waiter
-        partition, which waits for its phases in order, and its phase n + 1 (item j + 2) cannot complete before
-        that waiter has waited for phase n (item j): the loader fills tiles in order, and with the SLOTS allowed
-        (3 for two solvers, 2 with SPLIT_VALUE) item j + 2's first tile reuses a buffer released only after
-        item j's waits. (An mbarrier wait compares phase parities: a waiter must never fall two phases
-        behind.)"""
+        arrives once its copies have); free[slot] that the solver which read the buffer is done with it. The
+        loader waits for the uses of each buffer in order. A full barrier's phase n + 1 (item j + 2) cannot
+        complete before its solver has waited for phase n (item j): the loader fills tiles in order, and with
+        SLOTS <= 3 item j + 2's first tile reuses a buffer released only after item j's last wait. (An mbarrier
+        wait compares phase parities, so a waiter must never fall two phases behind.)"""
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        taken = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
             mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
-        for index in gl.static_range(2):
-            mbarrier.init(ready.index(index), count=1)
-            mbarrier.init(taken.index(index), count=1)
         iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        mixed = gl.allocate_shared_memory(gl.float32, [2, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        if SPLIT_VALUE:
-            gl.warp_specialize([(_ws_solver, (0, 1, ring, full, free, iterates, mixed, ready, taken, q_ptr, k_ptr,
-                                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                                              stride, count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS,
-                                              GROUP, D, NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES,
-                                              SLOTS, SPLIT_VALUE)),
-                                (_ws_value, (ring, full, free, mixed, ready, taken, k_ptr, v_ptr, beta_ptr, g_ptr,
-                                             scale, first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D,
-                                             BLOCKS, HAS_BETA, LANES, SLOTS)),
-                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                              SLOTS, COPY_ROWS))],
-                               [gl.num_warps(), LOADER_WARPS], [WORKER_REGS, LOADER_REGS])
-        else:
-            gl.warp_specialize([(_ws_solver, (0, 2, ring, full, free, iterates, mixed, ready, taken, q_ptr, k_ptr,
-                                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                                              stride, count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS,
-                                              GROUP, D, NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES,
-                                              SLOTS, SPLIT_VALUE)),
-                                (_ws_solver, (1, 2, ring, full, free, iterates, mixed, ready, taken, q_ptr, k_ptr,
-                                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                                              stride, count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS,
-                                              GROUP, D, NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES,
-                                              SLOTS, SPLIT_VALUE)),
-                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                              SLOTS, COPY_ROWS))],
-                               [gl.num_warps(), LOADER_WARPS], [WORKER_REGS, LOADER_REGS])
+        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                          g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
+                                          h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                            (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                                          g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
+                                          h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
+                                          COPY_ROWS))],
+                           [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
@@ -264,14 +238,13 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, step: gl.constexpr, ring, full, free, iterates, mixed, ready, taken,
-                   q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
-                   o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
-                   D: gl.constexpr, NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr,
-                   HAS_ALPHA: gl.constexpr, HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
-                   SPLIT_VALUE: gl.constexpr):
-        """Items j = which, which + step, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring; with SPLIT_VALUE, up to q', which goes to the value partition (``_ws_value``)."""
+    def _ws_solver(which: gl.constexpr, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                   g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
+                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                   NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
+        """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
+        ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
@@ -282,7 +255,7 @@ if GLUON:
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
         iterate_a = iterates.index(2 * which)
         iterate_b = iterates.index(2 * which + 1)
-        for j in range(which, count, step):
+        for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
             head = item % NUM_HEADS
             kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
@@ -304,63 +277,21 @@ if GLUON:
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
-            q_mixed = x
+            mixed = x
             if HAS_ALPHA:
-                q_mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
-            if SPLIT_VALUE:   # q' to the value partition, through mixed[j % 2]
-                mbarrier.wait(taken.index(j % 2), (j // 2 + 1) & 1, pred=j >= 2)   # item j - 2's q' was read
-                mixed.index(j % 2).store(q_mixed)
-                gl.thread_barrier()
-                mbarrier.arrive(ready.index(j % 2))
-            else:
-                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
-                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
-                s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                               SLOTS).to(gl.float32)
-                s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-                gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
-                iterate_b.store(q_mixed)                       # each thread reads q' back at its rows
-                mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
-                o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)        # [D]
-                gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
-                gl.thread_barrier()                            # the iterate buffers are reused by the next item
-
-    @gluon.jit
-    def _ws_value(ring, full, free, mixed, ready, taken, k_ptr, v_ptr, beta_ptr, g_ptr, scale, first, stride,
-                  count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                  BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
-        """SPLIT_VALUE: every item's S' = exp(g) S + k v^T (written back as soon as its tile is in registers,
-        which releases the buffer), then o = scale S'^T q' once the solver has handed over q'."""
-        RB: gl.constexpr = D // BLOCKS
-        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
-        ROW: gl.constexpr = gl.SliceLayout(2, L3)
-        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
-        rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
-                + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
-        cols = gl.arange(0, D, layout=COL)                                                # [D]
-        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
-        for j in range(count):
-            item = first + j * stride
-            head = item % NUM_HEADS
-            kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
-            state = item.to(gl.int64) * (D * D)
-            beta = 1.0
-            if HAS_BETA:
-                beta = gl.load(beta_ptr + item).to(gl.float32)
-            g = gl.load(g_ptr + item).to(gl.float32)
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
                            SLOTS).to(gl.float32)                                           # [BLOCKS, RB, D]
             s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
             gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
-            mbarrier.wait(ready.index(j % 2), (j // 2) & 1)
-            mixed_all = mixed.index(j % 2).reshape([BLOCKS, RB]).load(ROW)                 # q' at this thread's rows
-            gl.thread_barrier()
-            mbarrier.arrive(taken.index(j % 2))
+            iterate_b.store(mixed)                         # each thread reads q' back at its rows
+            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
             o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
             gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+            gl.thread_barrier()                            # the iterate buffers are reused by the next item
 
     @gluon.constexpr_function
     def _state_layout(D, BLOCKS, LANES, WARPS):
@@ -443,7 +374,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, split_value=None) -> GKAResult:
+               loader_warps=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -453,8 +384,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     prefetched, several programs per SM), "persistent" (one program per SM walking the items, both states
     of the next item prefetched) or "pipelined" (D = 128: persistent and warp-specialized, a loader warp
     streams the states through ``slots`` (``RING_SLOTS``, default ``DEFAULT_SLOTS``) shared-memory buffers
-    to two solver partitions, or with ``split_value`` to a solver and a value partition; ``loader_warps``
-    1 or 4); ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``);
+    to two solver partitions; ``loader_warps`` 1 or 4); ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``);
     ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``); ``maxnreg`` (register cap per
     thread for the "item" and "persistent" forms; default ``DEFAULT_MAXNREG`` for "item", none for
     "persistent"; 0 for none).
@@ -489,10 +419,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     num_warps = d // 32
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        split_value = DEFAULT_SPLIT_VALUE if split_value is None else split_value
-        if split_value and slots != 2:
-            raise ValueError(f"split_value needs slots=2 (the phase order of the kernel's barriers); got {slots}")
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SPLIT_VALUE=bool(split_value), WORKER_REGS=WORKER_REGS,
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=LOADER_REGS, LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
     else:
         kernel = _decode_kernel
