@@ -1,4 +1,4 @@
-"""Gluon GPU kernel for the one-token GKA decode step: one fused kernel, one program per (batch, head).
+"""Gluon GPU kernels for the one-token GKA decode step: each item (batch, head) in one fused pass.
 
 Per (batch b, query head h), with kv head j = h // (H // Hkv), k = beta k_j, v = beta v_j (as
 ``reference.gka_decode``):
@@ -26,12 +26,20 @@ Pallas solve needs a cross-warp reduction and two layout conversions (7 barriers
 alternate, so one barrier per iteration is enough.
 
 Memory: every state element is read once and written once, in place (``input_output_aliases``; under
-``jax.jit(..., donate_argnums=...)`` no copy is made), with 16-byte coalesced accesses. S is copied to
-shared memory asynchronously (cp.async) when the program starts and is read from there after the solve, so
-its load overlaps the solve. ``MAXNREG`` caps the registers per thread (ptxas) so that three programs (64 KiB
-of shared memory each) share an SM and overlap one another's memory traffic with their solves. The
-``persistent`` form (one program per SM walking the items, with both states of the next item prefetched)
-measured slower (docs/benchmarks.md) and is kept as an option.
+``jax.jit(..., donate_argnums=...)`` no copy is made), with 16-byte coalesced accesses. Three forms
+(``FORMS``) schedule the items (b, h):
+
+- "pipelined" (``_decode_ws_kernel``; the default at D = 128 when B H reaches the number of SMs,
+  ``default_form``): one program per SM, warp-specialized. A loader warp copies each item's h_kk, then h_kv,
+  by cp.async into a ring of ``slots`` [D, D] buffers in shared memory; two solver partitions of 4 warps take
+  the items in turn and compute each item's step from the ring. Loads stream while the solvers compute, so
+  the step runs near memory speed once every SM has several items (81% of the copy bandwidth at B = 128,
+  num_iter 30, on an H200).
+- "item" (``_decode_kernel``): one program per item; S is copied to shared memory asynchronously when the
+  program starts and read from there after the solve. ``MAXNREG`` caps the registers per thread (ptxas) so
+  that three programs (64 KiB of shared memory each) share an SM.
+- "persistent" (``_decode_kernel`` with ``PREFETCH_H``): one program per SM, both states of the next item
+  prefetched during the current one; measured slower than both (docs/benchmarks.md), kept as an option.
 
 Covers D = Dv in {32, 64, 128} (1 to 4 warps); ``supports`` says so, and the
 dispatcher uses the Pallas kernels for other shapes. GPU only (Gluon has no interpreter); the Pallas decode
