@@ -42,7 +42,7 @@ KERNELS = {
                        ridge="fp32", num_items="i32", o_ptr="*bf16", x_ptr="*bf16", h_kk_out_ptr="*fp32",
                        h_kv_out_ptr="*fp32"),
         constants=dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
-                       HAS_G_KK=False, PREFETCH_H=False, LANES=gluon_decode.DEFAULT_LANES,
+                       HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES,
                        MAXNREG=gluon_decode.DEFAULT_MAXNREG),
         warps=lambda d: d // 32),
     "decode_ws": dict(

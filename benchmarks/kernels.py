@@ -446,7 +446,6 @@ def section_decode(args, ref, copy_gbps):
 DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
     ("pallas split", "pallas", {"kernel": "pallas"}),
-    ("gluon persistent", "pallas", {"kernel": "gluon", "form": "persistent"}),
     ("gluon item", "pallas", {"kernel": "gluon", "form": "item"}),
     ("gluon pipelined 4 loader warps", "pallas", {"kernel": "gluon", "form": "pipelined", "loader_warps": 4}),
     ("gluon pipelined 3 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 3}),

@@ -49,14 +49,13 @@ def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, 
 
 
 @pytest.mark.parametrize("form, blocks, lanes, maxnreg, slots", [
-    ("item", 8, 1, None, None), ("persistent", 4, 4, 0, None), ("item", 16, 2, 200, None),
-    ("persistent", 1, 1, 168, None), ("item", 8, 4, 0, None), ("pipelined", 4, 4, None, 2),
-    ("pipelined", 8, 2, None, 3)])
+    ("item", 8, 1, None, None), ("item", 4, 4, 0, None), ("item", 16, 2, 200, None), ("item", 1, 1, 168, None),
+    ("item", 8, 4, 0, None), ("pipelined", 4, 4, None, 2), ("pipelined", 8, 2, None, 3)])
 @pytest.mark.parametrize("b", [40, 300])
 def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
-    """One program per item, or persistent programs, which walk several items each when B * H passes the
-    number of SMs (b = 40: 1 to 2 items per program at H = 4; b = 300: 9 to 10, several turns of the
-    pipelined form's buffer ring)."""
+    """One program per item, or the pipelined form's programs, which walk several items each when B * H
+    passes the number of SMs (b = 40: 1 to 2 items per program at H = 4; b = 300: 9 to 10, several turns of
+    the buffer ring)."""
     args = decode_inputs(5, b=b, d=128, g_kk=True)
     got = run_gluon(args, 30, form=form, blocks=blocks, lanes=lanes, maxnreg=maxnreg, slots=slots)
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)

@@ -26,8 +26,9 @@ Pallas solve needs a cross-warp reduction and two layout conversions (7 barriers
 alternate, so one barrier per iteration is enough.
 
 Memory: every state element is read once and written once, in place (``input_output_aliases``; under
-``jax.jit(..., donate_argnums=...)`` no copy is made), with 16-byte coalesced accesses. Three forms
-(``FORMS``) schedule the items (b, h):
+``jax.jit(..., donate_argnums=...)`` no copy is made), with 16-byte coalesced accesses. Two forms
+(``FORMS``) schedule the items (b, h). (A third, one program per SM with the next item's states prefetched
+during the current one, measured slower than both and was removed: docs/benchmarks.md.)
 
 - "pipelined" (``_decode_ws_kernel``; the default at D = 128 when B H reaches the number of SMs,
   ``default_form``): one program per SM, warp-specialized. A loader warp copies each item's h_kk, then h_kv,
@@ -38,8 +39,6 @@ Memory: every state element is read once and written once, in place (``input_out
 - "item" (``_decode_kernel``): one program per item; S is copied to shared memory asynchronously when the
   program starts and read from there after the solve. ``MAXNREG`` caps the registers per thread (ptxas) so
   that three programs (64 KiB of shared memory each) share an SM.
-- "persistent" (``_decode_kernel`` with ``PREFETCH_H``): one program per SM, both states of the next item
-  prefetched during the current one; measured slower than both (docs/benchmarks.md), kept as an option.
 
 Covers D = Dv in {32, 64, 128} (1 to 4 warps); ``supports`` says so, and the
 dispatcher uses the Pallas kernels for other shapes. GPU only (Gluon has no interpreter); the Pallas decode
@@ -61,7 +60,7 @@ DEFAULT_BLOCKS = 4        # row blocks of H: independent partial sums per thread
 DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (4: 16-byte accesses)
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
-FORMS = ("item", "persistent", "pipelined")
+FORMS = ("item", "pipelined")
 DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
@@ -77,7 +76,7 @@ if GLUON:
                        o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
                        NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                        BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                       HAS_G_KK: gl.constexpr, PREFETCH_H: gl.constexpr, LANES: gl.constexpr,
+                       HAS_G_KK: gl.constexpr, LANES: gl.constexpr,
                        MAXNREG: gl.constexpr):
         W: gl.constexpr = gl.num_warps()
         RB: gl.constexpr = D // BLOCKS
@@ -98,14 +97,11 @@ if GLUON:
         copy_square = (gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, COPY)), 1) * D
                        + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [D, D]
 
-        # This program's items are pid, pid + P, ...; the next item's states are copied to shared memory
-        # while the current one is computed (PREFETCH_H: H too, else H is read straight into registers).
+        # This program's items are pid, pid + P, ... (one item when P = B H, as launched): each item's S is
+        # copied to shared memory while its H is read into registers and the solve runs.
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         s_shared = gl.allocate_shared_memory(h_kv_ptr.dtype.element_ty, [D, D], PLAIN)
-        if PREFETCH_H:
-            h_shared = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [D, D], PLAIN)
-            _copy_state(h_shared, h_kk_ptr, first, num_items, copy_square, D)
         _copy_state(s_shared, h_kv_ptr, first, num_items, copy_square, D)
         iterate_a = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         iterate_b = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -123,14 +119,7 @@ if GLUON:
                 g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
 
             # H = exp(g_kk) H + k k^T, written back at once.
-            if PREFETCH_H:
-                async_copy.wait_group(1)                    # this item's H (its S may still be in flight)
-                gl.thread_barrier()
-                h = h_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)       # [BLOCKS, RB, D]
-                gl.thread_barrier()
-                _copy_state(h_shared, h_kk_ptr, item + stride, num_items, copy_square, D)
-            else:
-                h = gl.load(h_kk_ptr + state + square).to(gl.float32)
+            h = gl.load(h_kk_ptr + state + square).to(gl.float32)                            # [BLOCKS, RB, D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
@@ -144,10 +133,7 @@ if GLUON:
                 mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
             # S = exp(g) S + k v^T and o = scale S^T q', from the copy of S in shared memory.
-            if PREFETCH_H:
-                async_copy.wait_group(1)                    # this item's S (the next item's H may be in flight)
-            else:
-                async_copy.wait_group(0)
+            async_copy.wait_group(0)
             gl.thread_barrier()
             s = s_shared.reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)           # [BLOCKS, RB, D]
             gl.thread_barrier()
@@ -389,13 +375,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     h_kk [B, H, D, D], h_kv [B, H, D, Dv] states (computed in float32, returned in their own dtype, written
     in place when donated). ``precision`` is accepted for signature compatibility: every product is an fp32
     multiply-add. Tuning: ``form`` (``FORMS``; default ``default_form``): "item" (one program per (b, h), S
-    prefetched, several programs per SM), "persistent" (one program per SM walking the items, both states
-    of the next item prefetched) or "pipelined" (D = 128: persistent and warp-specialized, a loader warp
+    prefetched, several programs per SM) or "pipelined" (D = 128: persistent and warp-specialized, a loader warp
     streams the states through ``slots`` (``RING_SLOTS``, default ``DEFAULT_SLOTS``) shared-memory buffers
     to two solver partitions; ``loader_warps`` 1 or 4); ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``);
     ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``); ``maxnreg`` (register cap per
-    thread for the "item" and "persistent" forms; default ``DEFAULT_MAXNREG`` for "item", none for
-    "persistent"; 0 for none).
+    thread in the "item" form; default ``DEFAULT_MAXNREG``; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -431,8 +415,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                       LOADER_REGS=LOADER_REGS, LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
     else:
         kernel = _decode_kernel
-        maxnreg = (DEFAULT_MAXNREG if form == "item" else 0) if maxnreg is None else maxnreg
-        tuning = dict(PREFETCH_H=form == "persistent", MAXNREG=maxnreg)
+        maxnreg = DEFAULT_MAXNREG if maxnreg is None else maxnreg
+        tuning = dict(MAXNREG=maxnreg)
     o, x, h_kk, h_kv = triton_call(
         q, k, v, present(beta), g, present(g_kk), present(alpha), h_kk, h_kv,
         np.float32(scale), np.float32(ridge_strength), num_items,   # fp32 scalars (a Python float is fp64)
