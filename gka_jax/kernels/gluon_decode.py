@@ -165,8 +165,9 @@ if GLUON:
         arrives once its copies have); free[slot] that the solver which read the buffer is done with it. The
         loader waits for the uses of each buffer in order. A full barrier's phase n + 1 (item j + 2) cannot
         complete before its solver has waited for phase n (item j): the loader fills tiles in order, and with
-        SLOTS <= 3 item j + 2's first tile reuses a buffer released only after item j's last wait. (An mbarrier
-        wait compares phase parities, so a waiter must never fall two phases behind.)"""
+        SLOTS <= 3 it must reuse item j's h_kv buffer, which the solver releases after its last wait for item
+        j, before it reaches item j + 2 (SLOTS = 3: for item j + 2's h_kk tile; SLOTS = 2: for item j + 1's h_kv
+        tile). (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)"""
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
