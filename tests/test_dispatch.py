@@ -157,11 +157,25 @@ def test_decode_kernel_choice():
         kernels.decode_kernel(*arrays(128), kernel="gluon", gluon_available=False)
     with pytest.raises(ValueError, match="is not one of"):
         kernels.decode_kernel(*arrays(128), kernel="cuda")
-    # The Gluon kernel's form: pipelined (persistent, warp-specialized) where every SM gets an item.
+    # The Gluon kernel's form: pipelined (persistent, warp-specialized) on Hopper where every SM gets an item.
     from gka_jax.kernels.gluon_decode import default_form
-    assert default_form(128, 32 * 32, 132) == "pipelined"
-    assert default_form(128, 1 * 32, 132) == "item"
-    assert default_form(64, 32 * 32, 132) == "item"
+    assert default_form(128, 32 * 32, 132, hopper=True) == "pipelined"
+    assert default_form(128, 1 * 32, 132, hopper=True) == "item"
+    assert default_form(64, 32 * 32, 132, hopper=True) == "item"
+    assert default_form(128, 32 * 32, 108, hopper=False) == "item"     # an A100: not measured there
+
+
+def test_pipelined_decode_is_refused_off_hopper(monkeypatch):
+    """A forced pipelined form on a machine without a Hopper GPU (here: the CPU) is refused with the reason,
+    before any compile."""
+    from gka_jax.kernels import gluon_decode
+    monkeypatch.setattr(gluon_decode, "AVAILABLE", True)
+    b, h, hkv, d = 1, 4, 2, 128
+    q, k = jnp.zeros((b, h, d)), jnp.zeros((b, hkv, d))
+    states = jnp.zeros((b, h, d, d))
+    with pytest.raises(ValueError, match="needs a Hopper GPU"):
+        gluon_decode.gka_decode(q, k, k, None, jnp.zeros((b, h)), None, states, states, num_iter=1,
+                                ridge_strength=0.02, scale=1.0, form="pipelined")
 
 
 def test_gluon_kernels_need_the_releases_they_were_written_for():

@@ -15,15 +15,18 @@ import pytest
 from test_pallas_decode import NAMES, STATES, assert_close, case_and_expected, decode_inputs, run, run_oracle
 
 from gka_jax import kernels
-from gka_jax.kernels import gluon_decode, reference
+from gka_jax.kernels import gluon_call, gluon_decode, reference
 
 if not gluon_decode.AVAILABLE or jax.default_backend() != "gpu":
     pytest.skip("the Gluon kernel needs jax-triton and an NVIDIA GPU", allow_module_level=True)
 
 RIDGE = 0.02
+HOPPER = gluon_call.on_hopper()
 
 
 def run_gluon(args, num_iter, **options):
+    if options.get("form") == "pipelined" and not HOPPER:
+        pytest.skip("the pipelined form runs on Hopper GPUs only (it refuses others: test_dispatch.py)")
     return run(gluon_decode.gka_decode, args, num_iter, **options)
 
 
@@ -125,6 +128,6 @@ def test_dispatcher_runs_it_on_gpu():
     when B H reaches the number of SMs: same result."""
     args = decode_inputs(9, b=40, d=128)
     assert kernels.decode_kernel(*(jnp.asarray(args[n]) for n in ("q", "k", "v", "h_kk", "h_kv"))) == "gluon"
-    assert gluon_decode.default_form(128, 40 * 4, gluon_decode._multiprocessors()) == "pipelined"
+    assert gluon_decode.default_form(128, 40 * 4, gluon_decode._multiprocessors(), True) == "pipelined"
     got = run(functools.partial(kernels.gka_decode, backend="pallas"), args, 30)
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)

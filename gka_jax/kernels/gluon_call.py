@@ -14,6 +14,7 @@ register cap passed to ptxas), so that several programs fit on an SM.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -57,6 +58,18 @@ finally:  # importing jax-triton empties TRITON_CACHE_DIR, which breaks other Tr
         os.environ.pop("TRITON_CACHE_DIR", None)
     else:
         os.environ["TRITON_CACHE_DIR"] = _cache_dir
+
+@functools.cache
+def on_hopper() -> bool:
+    """Whether the first GPU is a Hopper (compute capability 9.x: H100/H200): the generation with the wgmma
+    instructions of the Gluon solve and the setmaxnreg of the pipelined decode's warp specialization, and
+    the one the Gluon kernels were measured on."""
+    try:
+        import jax
+        return str(jax.local_devices(backend="gpu")[0].compute_capability).startswith("9.")
+    except (RuntimeError, AttributeError, IndexError):   # no GPU backend in this jax, or no GPU
+        return False
+
 
 _DIVISIBLE = [["tt.divisibility", 16]]   # jax-triton's assumption: every array is 16-byte aligned
 _cache: dict = {}

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gluon_call import AVAILABLE, GLUON, triton_call
+from .gluon_call import AVAILABLE, GLUON, on_hopper, triton_call
 from .reference import HIGHEST, GKAResult
 
 HEAD_DIMS = (32, 64, 128)
@@ -351,12 +351,13 @@ def supports(q, k, v, h_kk, h_kv) -> bool:
         and h_kv.shape[-2:] == (d, dv)
 
 
-def default_form(d: int, num_items: int, multiprocessors: int) -> str:
-    """The pipelined form where it covers D and every SM gets an item (B H >= #SMs): on an H200 it took
-    0.091 / 0.312 ms against 0.111 / 0.358 for one program per item at B = 32 / 128, num_iter 30; with fewer
-    items than SMs each program has one item and nothing to overlap, so one program per item
-    (docs/benchmarks.md)."""
-    return "pipelined" if d in PIPELINED_HEAD_DIMS and num_items >= multiprocessors else "item"
+def default_form(d: int, num_items: int, multiprocessors: int, hopper: bool) -> str:
+    """The pipelined form on a Hopper GPU where it covers D and every SM gets an item (B H >= #SMs): on an
+    H200 it took 0.090 / 0.311 ms against 0.111 / 0.357 for one program per item at B = 32 / 128, num_iter
+    30; with fewer items than SMs each program has one item and nothing to overlap, so one program per item
+    (docs/benchmarks.md). Other GPUs run one program per item: the pipelined form's warp specialization
+    (setmaxnreg) is Hopper's, and it was measured on Hopper only."""
+    return "pipelined" if hopper and d in PIPELINED_HEAD_DIMS and num_items >= multiprocessors else "item"
 
 
 def _multiprocessors() -> int:
@@ -391,7 +392,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"q {q.shape}, k {k.shape}, v {v.shape}, h_kk {h_kk.shape}, h_kv {h_kv.shape}")
     batch, num_heads, d = q.shape
     num_items = batch * num_heads
-    form = form or default_form(d, num_items, _multiprocessors())
+    form = form or default_form(d, num_items, _multiprocessors(), on_hopper())
     blocks, lanes, slots = blocks or DEFAULT_BLOCKS, lanes or DEFAULT_LANES, slots or DEFAULT_SLOTS
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not one of {FORMS}")
@@ -399,6 +400,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"lanes={lanes} is not one of {LANES}")
     if blocks & (blocks - 1) or d % (blocks * lanes):
         raise ValueError(f"blocks={blocks} must be a power of 2 with blocks * lanes ({lanes}) dividing D={d}")
+    if form == "pipelined" and not on_hopper():
+        raise ValueError("the pipelined form needs a Hopper GPU (compute capability 9.x: warp specialization "
+                         "with setmaxnreg)")
     if form == "pipelined" and h_kk.dtype != h_kv.dtype:
         raise ValueError(f"the pipelined form needs h_kk and h_kv of one dtype; got {h_kk.dtype}, {h_kv.dtype}")
     if form == "pipelined" and d not in PIPELINED_HEAD_DIMS:

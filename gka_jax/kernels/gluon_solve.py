@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gluon_call import AVAILABLE, GLUON, triton_call
+from .gluon_call import AVAILABLE, GLUON, on_hopper, triton_call
 from .pallas_chunk import Segmented
 from .pallas_solve import FACTORED_SPAN
 
@@ -218,16 +218,6 @@ if GLUON:
         acc = warpgroup_mma(scores_op, k_shared, acc, is_async=True)
         acc, y, y_h, scores_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, y, y_h, scores_op))
         return acc
-
-
-@functools.cache
-def on_hopper() -> bool:
-    """Whether the first GPU is a Hopper (compute capability 9.x: H100/H200), the one generation with the
-    wgmma instructions this kernel is built on (Blackwell has other tensor-core instructions)."""
-    try:
-        return str(jax.local_devices(backend="gpu")[0].compute_capability).startswith("9.")
-    except (RuntimeError, AttributeError, IndexError):   # no GPU backend in this jax, or no GPU
-        return False
 
 
 def _plain_starts(h_kk_starts):
