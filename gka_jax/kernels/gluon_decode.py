@@ -107,22 +107,14 @@ if GLUON:
         iterate_b = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
         for item in range(first, num_items, stride):         # item = b * H + h
-            head = item % NUM_HEADS
-            kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
-            state = item.to(gl.int64) * (D * D)
-            beta = 1.0
-            if HAS_BETA:
-                beta = gl.load(beta_ptr + item).to(gl.float32)
-            g = gl.load(g_ptr + item).to(gl.float32)
-            g_kk = g
-            if HAS_G_KK:
-                g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
+            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
+                                                         HAS_BETA, HAS_G_KK)
 
             # H = exp(g_kk) H + k k^T, written back at once.
             h = gl.load(h_kk_ptr + state + square).to(gl.float32)                            # [BLOCKS, RB, D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
+            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
 
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
@@ -140,12 +132,8 @@ if GLUON:
             _copy_state(s_shared, h_kv_ptr, item + stride, num_items, copy_square, D)
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
-            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
-            iterate_b.store(mixed)                         # each thread reads q' back at its rows
-            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
-            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
-            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
+                              o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # iterate buffers are reused by the next item
 
     @gluon.jit
@@ -252,23 +240,15 @@ if GLUON:
         iterate_b = iterates.index(2 * which + 1)
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
-            head = item % NUM_HEADS
-            kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
-            state = item.to(gl.int64) * (D * D)
-            beta = 1.0
-            if HAS_BETA:
-                beta = gl.load(beta_ptr + item).to(gl.float32)
-            g = gl.load(g_ptr + item).to(gl.float32)
-            g_kk = g
-            if HAS_G_KK:
-                g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
+            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
+                                                         HAS_BETA, HAS_G_KK)
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
             h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS).to(
                 gl.float32)
-            h = gl.exp(g_kk) * h + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(k_cols, 0), 0)
+            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
@@ -280,13 +260,42 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
                            SLOTS).to(gl.float32)                                           # [BLOCKS, RB, D]
-            s = gl.exp(g) * s + gl.expand_dims(k_rows, 2) * gl.expand_dims(gl.expand_dims(v_cols, 0), 0)
-            gl.store(h_kv_out_ptr + state + square, s.to(h_kv_out_ptr.dtype.element_ty))
-            iterate_b.store(mixed)                         # each thread reads q' back at its rows
-            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)
-            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
-            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
+                              o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
+
+    @gluon.jit
+    def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                      D: gl.constexpr, HAS_BETA: gl.constexpr, HAS_G_KK: gl.constexpr):
+        """(kv row, state offset, beta, g, g_kk) of item = b H + h (beta 1 and g_kk = g when absent)."""
+        head = item % NUM_HEADS
+        kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
+        state = item.to(gl.int64) * (D * D)
+        beta = 1.0
+        if HAS_BETA:
+            beta = gl.load(beta_ptr + item).to(gl.float32)
+        g = gl.load(g_ptr + item).to(gl.float32)
+        g_kk = g
+        if HAS_G_KK:
+            g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
+        return kv_row, state, beta, g, g_kk
+
+    @gluon.jit
+    def _decay_add_outer(state, decay, rows, cols):
+        """exp(decay) state + rows cols^T for state [BLOCKS, RB, D], rows [BLOCKS, RB], cols [D]."""
+        return gl.exp(decay) * state + gl.expand_dims(rows, 2) * gl.expand_dims(gl.expand_dims(cols, 0), 0)
+
+    @gluon.jit
+    def _value_and_output(s, g, k_rows, v_cols, mixed, iterate, s_out, o_out, scale, BLOCKS: gl.constexpr,
+                          RB: gl.constexpr, ROW: gl.constexpr):
+        """S' = exp(g) S + k v^T stored at ``s_out``; o = scale S'^T q' stored at ``o_out`` (q' = ``mixed``
+        goes through ``iterate`` so that each thread reads it at its rows)."""
+        s = _decay_add_outer(s, g, k_rows, v_cols)                                          # [BLOCKS, RB, D]
+        gl.store(s_out, s.to(s_out.dtype.element_ty))
+        iterate.store(mixed)
+        mixed_all = iterate.reshape([BLOCKS, RB]).load(ROW)
+        o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)                # [D]
+        gl.store(o_out, (scale * o).to(o_out.dtype.element_ty))
 
     @gluon.constexpr_function
     def _state_layout(D, BLOCKS, LANES, WARPS):
