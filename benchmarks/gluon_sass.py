@@ -5,6 +5,7 @@ gka-jax and triton 3.6 are installed (``pip install -e . triton==3.6.0``; jax-tr
 
     python benchmarks/gluon_sass.py solve --d 128 --num-iter 30
     python benchmarks/gluon_sass.py decode --d 128 --num-iter 30 --const BLOCKS=8 MAXNREG=0
+    python benchmarks/gluon_sass.py decode_ws --const SLOTS=3 LOADER_WARPS=4   # the pipelined decode
     python benchmarks/gluon_sass.py solve --const HAS_ALPHA=0 --keep /tmp/sass   # also writes ttgir/ptx/sass
 
 It prints one line for the kernel (ptxas: registers, spill bytes; shared memory) and one per loop found in
@@ -27,6 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gka_jax.kernels import gluon_call, gluon_decode, gluon_solve  # noqa: E402
 
 # Argument types and the default constexprs of each kernel at the 8B shapes (bf16 activations, fp32 states).
+DECODE_SIGNATURE = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", beta_ptr="*fp32", g_ptr="*fp32",
+                        g_kk_ptr="*fp32", alpha_ptr="*bf16", h_kk_ptr="*fp32", h_kv_ptr="*fp32", scale="fp32",
+                        ridge="fp32", num_items="i32", o_ptr="*bf16", x_ptr="*bf16", h_kk_out_ptr="*fp32",
+                        h_kv_out_ptr="*fp32")
+DECODE_CONSTANTS = dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
+                        HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES)
 KERNELS = {
     "solve": dict(
         fn=lambda: gluon_solve._solve_kernel,
@@ -37,23 +44,15 @@ KERNELS = {
         warps=lambda d: 4),
     "decode": dict(
         fn=lambda: gluon_decode._decode_kernel,
-        signature=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", beta_ptr="*fp32", g_ptr="*fp32",
-                       g_kk_ptr="*fp32", alpha_ptr="*bf16", h_kk_ptr="*fp32", h_kv_ptr="*fp32", scale="fp32",
-                       ridge="fp32", num_items="i32", o_ptr="*bf16", x_ptr="*bf16", h_kk_out_ptr="*fp32",
-                       h_kv_out_ptr="*fp32"),
-        constants=dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
-                       HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES,
-                       MAXNREG=gluon_decode.DEFAULT_MAXNREG),
+        signature=DECODE_SIGNATURE,
+        constants=dict(DECODE_CONSTANTS, MAXNREG=gluon_decode.DEFAULT_MAXNREG),
         warps=lambda d: d // 32),
-    "decode_ws": dict(
+    "decode_ws": dict(   # the pipelined form
         fn=lambda: gluon_decode._decode_ws_kernel,
-        signature=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", beta_ptr="*fp32", g_ptr="*fp32",
-                       g_kk_ptr="*fp32", alpha_ptr="*bf16", h_kk_ptr="*fp32", h_kv_ptr="*fp32", scale="fp32",
-                       ridge="fp32", num_items="i32", o_ptr="*bf16", x_ptr="*bf16", h_kk_out_ptr="*fp32",
-                       h_kv_out_ptr="*fp32"),
-        constants=dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
-                       HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES, SLOTS=2, COPY_ROWS=8,
-                       SOLVER_REGS=192, LOADER_REGS=40, LOADER_WARPS=1),
+        signature=DECODE_SIGNATURE,
+        constants=dict(DECODE_CONSTANTS, SLOTS=gluon_decode.DEFAULT_SLOTS, COPY_ROWS=8,
+                       SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
+                       LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")
