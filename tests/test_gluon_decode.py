@@ -78,6 +78,8 @@ def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
         run_gluon(args, 10, form="pipelined", slots=4)
+    with pytest.raises(ValueError, match="loader_warps=2 is not one of"):
+        run_gluon(args, 10, form="pipelined", loader_warps=2)
     with pytest.raises(ValueError, match="pipelined form covers D in"):
         run_gluon(decode_inputs(12, b=2, d=64), 10, form="pipelined")
 

@@ -62,7 +62,8 @@ LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "pipelined")
 DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
-DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies (1 or 4)
+DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
+LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
@@ -385,12 +386,14 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
     h_kk [B, H, D, D], h_kv [B, H, D, Dv] states (computed in float32, returned in their own dtype, written
     in place when donated). ``precision`` is accepted for signature compatibility: every product is an fp32
-    multiply-add. Tuning: ``form`` (``FORMS``; default ``default_form``): "item" (one program per (b, h), S
-    prefetched, several programs per SM) or "pipelined" (D = 128: persistent and warp-specialized, a loader warp
-    streams the states through ``slots`` (``RING_SLOTS``, default ``DEFAULT_SLOTS``) shared-memory buffers
-    to two solver partitions; ``loader_warps`` 1 or 4); ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``);
-    ``lanes`` (``LANES``: columns per thread, default ``DEFAULT_LANES``); ``maxnreg`` (register cap per
-    thread in the "item" form; default ``DEFAULT_MAXNREG``; 0 for none).
+    multiply-add. Tuning:
+    - ``form`` (``FORMS``; default ``default_form``): "item" (one program per (b, h), S prefetched, several
+      programs per SM) or "pipelined" (Hopper, D = 128: persistent and warp-specialized; a loader of
+      ``loader_warps`` warps, ``LOADER_WARPS``, streams the states through ``slots`` (``RING_SLOTS``, default
+      ``DEFAULT_SLOTS``) shared-memory buffers to two solver partitions);
+    - ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``); ``lanes``
+      (``LANES``: columns per thread, default ``DEFAULT_LANES``);
+    - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -419,18 +422,19 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"4 warps); got D={d}")
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
+    loader_warps = loader_warps or DEFAULT_LOADER_WARPS
+    if loader_warps not in LOADER_WARPS:
+        raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
-    num_warps = d // 32
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
-                      LOADER_REGS=LOADER_REGS, LOADER_WARPS=loader_warps or DEFAULT_LOADER_WARPS)
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
+                      LOADER_WARPS=loader_warps)
     else:
         kernel = _decode_kernel
-        maxnreg = DEFAULT_MAXNREG if maxnreg is None else maxnreg
-        tuning = dict(MAXNREG=maxnreg)
+        tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
     o, x, h_kk, h_kv = triton_call(
         q, k, v, present(beta), g, present(g_kk), present(alpha), h_kk, h_kv,
         np.float32(scale), np.float32(ridge_strength), num_items,   # fp32 scalars (a Python float is fp64)
@@ -440,7 +444,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                    jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
                    jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],
         grid=(programs,),
-        num_warps=num_warps,
+        num_warps=d // 32,          # the pipelined form's solver partitions have as many
         input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)
         name="gka_gluon_decode",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
