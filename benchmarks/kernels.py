@@ -95,14 +95,7 @@ def time_decode_loop(step, x, h_kk, h_kv, *, steps=16, iters=5) -> float:
     the GPU time of a step, from a ``jax.profiler`` trace of one call (first kernel start to last kernel end,
     over ``steps``), as the reference's CUDA-graph replay is timed with CUDA events. Where the trace has no
     GPU kernels (CPU), the median wall time per step over ``iters`` calls."""
-    def many(x, h_kk, h_kv):
-        def body(_, carry):   # o is summed into the carry: the solve feeds only o, so XLA would drop it
-            o, h_kk, h_kv = step(x, *carry[1:])
-            return carry[0] + o.astype(jnp.float32), h_kk, h_kv
-        return jax.lax.fori_loop(0, steps, body, (jnp.zeros(x["q"].shape, jnp.float32), h_kk, h_kv),
-                                 unroll=True)[1:]   # unrolled: no per-step loop condition
-
-    run = jax.jit(many, donate_argnums=(1, 2))
+    run = decode_loop(step, steps)
     for _ in range(2):
         h_kk, h_kv = run(x, h_kk, h_kv)
     jax.block_until_ready((h_kk, h_kv))
@@ -119,6 +112,18 @@ def time_decode_loop(step, x, h_kk, h_kv, *, steps=16, iters=5) -> float:
         h_kk, h_kv = jax.block_until_ready(run(x, h_kk, h_kv))
         times.append((time.perf_counter() - start) * 1e3 / steps)
     return statistics.median(times)
+
+
+def decode_loop(step, steps: int):
+    """``steps`` decode steps in one jitted, unrolled ``fori_loop``: (x, h_kk, h_kv) -> (h_kk, h_kv), the
+    states donated."""
+    def many(x, h_kk, h_kv):
+        def body(_, carry):   # o is summed into the carry: the solve feeds only o, so XLA would drop it
+            o, h_kk, h_kv = step(x, *carry[1:])
+            return carry[0] + o.astype(jnp.float32), h_kk, h_kv
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros(x["q"].shape, jnp.float32), h_kk, h_kv),
+                                 unroll=True)[1:]   # unrolled: no per-step loop condition
+    return jax.jit(many, donate_argnums=(1, 2))
 
 
 def gpu_kernel_events(trace_dir) -> list:

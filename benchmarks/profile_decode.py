@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes. Two modes (shapes as benchmarks/kernels.py: H = 32, Hkv = 8,
 D = 128, bf16 q/k/v, fp32 states):
 
-``--trace`` (default): each configuration runs ``kernels.time_decode_loop``'s 16-step jitted loop once under
+``--trace`` (default): each configuration runs the 16-step jitted loop of ``kernels.decode_loop`` once under
 ``jax.profiler``; from the trace (CUPTI), the table gives per step the wall time, the GPU span (first kernel
 start to last kernel end, divided by 16), the decode kernel's mean duration, and the other kernels' summed
 duration; "% of copy BW" is the state bytes over the decode kernel's duration against torch's device copy.
@@ -13,8 +13,7 @@ cuProfilerStop, so that Nsight Compute sees only those steps, in the order print
     ncu --profile-from-start off --clock-control none --kernel-name regex:decode \\
         --section SpeedOfLight --section WarpStateStats python3 benchmarks/profile_decode.py --ncu
 
-Configurations: ``--forms item,pipelined:2:4`` (gluon_decode form[:slots[:loader warps]]),
-``--batches``,
+Configurations: ``--forms item,pipelined:2:4`` (gluon_decode form[:slots[:loader warps]]), ``--batches``,
 ``--num-iter``.
 """
 
@@ -34,25 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from kernels import (H, D, copy_bandwidth, decode_states, decode_step, gpu_kernel_events, make_inputs,  # noqa: E402
-                     to_jax)
+from kernels import (H, D, copy_bandwidth, decode_loop, decode_states, decode_step, gpu_kernel_events,  # noqa: E402
+                     make_inputs, to_jax)
 
 STEPS = 16
 
 
-def loop(step):
-    """``kernels.time_decode_loop``'s loop: STEPS steps, o summed into the carry, states donated."""
-    def many(x, h_kk, h_kv):
-        def body(_, carry):
-            o, h_kk, h_kv = step(x, *carry[1:])
-            return carry[0] + o.astype(jnp.float32), h_kk, h_kv
-        return jax.lax.fori_loop(0, STEPS, body, (jnp.zeros(x["q"].shape, jnp.float32), h_kk, h_kv),
-                                 unroll=True)[1:]
-    return jax.jit(many, donate_argnums=(1, 2))
-
-
 def trace_row(step, x, kk, kv, copy_gbps, config):
-    run = loop(step)
+    run = decode_loop(step, STEPS)
     h_kk, h_kv = run(x, jnp.asarray(kk), jnp.asarray(kv))
     h_kk, h_kv = jax.block_until_ready(run(x, h_kk, h_kv))
     start = time.perf_counter()
