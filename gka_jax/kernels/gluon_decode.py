@@ -64,7 +64,7 @@ FORMS = ("item", "pipelined")
 DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
-RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory; more would break the phase order (kernel doc)
+RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 
@@ -152,11 +152,15 @@ if GLUON:
 
         Barriers: full[2 (j % 2) + 0 / 1] says that item j's h_kk / h_kv tile has landed (each loader lane
         arrives once its copies have); free[slot] that the solver which read the buffer is done with it. The
-        loader waits for the uses of each buffer in order. A full barrier's phase n + 1 (item j + 2) cannot
-        complete before its solver has waited for phase n (item j): the loader fills tiles in order, and with
-        SLOTS <= 3 it must reuse item j's h_kv buffer, which the solver releases after its last wait for item
-        j, before it reaches item j + 2 (SLOTS = 3: for item j + 2's h_kk tile; SLOTS = 2: for item j + 1's h_kv
-        tile). (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)"""
+        loader waits for the uses of each buffer in order (``_slot`` maps tiles to buffers). A full barrier's
+        phase n + 1 (item j + 2) cannot complete before its solver has waited for phase n (item j), because the
+        loader fills tiles in order and a buffer only after its previous tile's release:
+        - SLOTS = 2 (h_kk in buffer 0, h_kv in 1): item j + 1's h_kv, which precedes item j + 2's tiles,
+          reuses item j's h_kv buffer, released after the solver's last wait for item j.
+        - SLOTS = 3 (h_kk in buffer 0, item j's h_kv in buffer 1 + j % 2): item j + 2's h_kv reuses item j's
+          h_kv buffer; item j + 2's h_kk needs item j + 1's h_kk released, so landed, so item j's h_kk
+          released after its wait.
+        (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)"""
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
@@ -184,8 +188,8 @@ if GLUON:
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
-        """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into buffer t % SLOTS once the
-        solver has released that buffer's previous tile."""
+        """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
+        once the solver has released that buffer's previous tile."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
@@ -198,11 +202,25 @@ if GLUON:
                        COPY_ROWS)
 
     @gluon.jit
+    def _slot(tile, SLOTS: gl.constexpr):
+        """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
+        t // 2. Three: h_kk always in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so
+        that a solver's next h_kv can load during its own solve (not yet measured: docs/kernels.md)."""
+        if SLOTS == 2:
+            return tile % 2, tile // 2
+        else:
+            j = tile // 2
+            if tile % 2 == 0:
+                return 0, j
+            else:
+                return 1 + j % 2, j // 2
+
+    @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
                    COPY_ROWS: gl.constexpr):
-        """Copy tile ``tile`` (at ``source``) into buffer tile % SLOTS, then arrive on ``full`` when it lands."""
-        slot = tile % SLOTS
-        use = tile // SLOTS
+        """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
+        lands."""
+        slot, use = _slot(tile, SLOTS)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
@@ -214,7 +232,7 @@ if GLUON:
                    D: gl.constexpr, SLOTS: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
         release its buffer."""
-        slot = tile % SLOTS
+        slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
         values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
         gl.thread_barrier()                              # every warp of this partition has read the buffer
