@@ -52,7 +52,7 @@ KERNELS = {
         signature=DECODE_SIGNATURE,
         constants=dict(DECODE_CONSTANTS, SLOTS=gluon_decode.DEFAULT_SLOTS, COPY_ROWS=8,
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
-                       LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS),
+                       LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS, AHEAD=False),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")

@@ -13,7 +13,7 @@ cuProfilerStop, so that Nsight Compute sees only those steps, in the order print
     ncu --profile-from-start off --clock-control none --kernel-name regex:decode \\
         --section SpeedOfLight --section WarpStateStats python3 benchmarks/profile_decode.py --ncu
 
-Configurations: ``--forms item,pipelined:2:4`` (gluon_decode form[:slots[:loader warps]]), ``--batches``,
+Configurations: ``--forms item,pipelined:2:4`` (gluon_decode form[:slots[:loader warps[:ahead]]]), ``--batches``,
 ``--num-iter``.
 """
 
@@ -70,7 +70,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--num-iter", default="30", help="comma-separated")
-    parser.add_argument("--forms", default="item,pipelined", help="form[:slots[:loader warps]], comma-separated")
+    parser.add_argument("--forms", default="item,pipelined", help="form[:slots[:loader warps[:ahead 0/1]]], comma-separated")
     parser.add_argument("--ncu", action="store_true", help="one profiled step per configuration, for ncu")
     args = parser.parse_args()
     cuda = ctypes.CDLL("libcuda.so.1") if args.ncu else None
@@ -87,6 +87,8 @@ def main():
                 options["slots"] = int(rest[0])
             if len(rest) > 1:
                 options["loader_warps"] = int(rest[1])
+            if len(rest) > 2:
+                options["ahead"] = bool(int(rest[2]))
             config = dict(B=b, num_iter=num_iter, **options)
             step = functools.partial(decode_step, backend="pallas", num_iter=num_iter, options=options)
             if args.ncu:

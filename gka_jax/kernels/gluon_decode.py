@@ -145,7 +145,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, AHEAD: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -169,35 +169,50 @@ if GLUON:
             mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
-        iterates = gl.allocate_shared_memory(gl.float32, [4, D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # Each solver's two iterate buffers are allocations of their own: Triton's barrier analysis tells
+        # allocations apart but not views of one, and would add a second barrier per iteration.
+        VECTOR: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        iterate_0a = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
+        iterate_0b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
+        iterate_1a = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
+        iterate_1b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                                           HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                            (_ws_solver, (1, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+                            (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                                           HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
                             (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
-                                          COPY_ROWS))],
+                                          COPY_ROWS, AHEAD))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, AHEAD: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver has released that buffer's previous tile."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
                    + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
+        if AHEAD:    # h_kk(0); then h_kk(j + 1) before h_kv(j)
+            if count > 0:
+                _load_tile(ring, full.index(0), free, 0, h_kk_ptr + first.to(gl.int64) * (D * D), offsets, D,
+                           SLOTS, COPY_ROWS)
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
-                       COPY_ROWS)
+            if AHEAD:
+                if j + 1 < count:
+                    _load_tile(ring, full.index(2 * ((j + 1) % 2)), free, 2 * j + 2,
+                               h_kk_ptr + state + stride.to(gl.int64) * (D * D), offsets, D, SLOTS, COPY_ROWS)
+            else:
+                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
+                           COPY_ROWS)
             _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
                        COPY_ROWS)
 
@@ -240,7 +255,7 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, ring, full, free, iterates, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
+    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                    g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
@@ -255,8 +270,6 @@ if GLUON:
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
-        iterate_a = iterates.index(2 * which)
-        iterate_b = iterates.index(2 * which + 1)
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
             kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
@@ -398,7 +411,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None) -> GKAResult:
+               loader_warps=None, ahead=False) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -449,7 +462,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if form == "pipelined":
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps)
+                      LOADER_WARPS=loader_warps, AHEAD=bool(ahead))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
