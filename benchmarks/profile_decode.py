@@ -13,7 +13,7 @@ cuProfilerStop, so that Nsight Compute sees only those steps, in the order print
     ncu --profile-from-start off --clock-control none --kernel-name regex:decode \\
         --section SpeedOfLight --section WarpStateStats python3 benchmarks/profile_decode.py --ncu
 
-Configurations: ``--forms item,pipelined:2:4`` (gluon_decode form[:slots[:loader warps[:ahead]]]), ``--batches``,
+Configurations: ``--forms item,pipelined:slots=3:loader_warps=4`` (a gluon_decode form[:option=integer...]), ``--batches``,
 ``--num-iter``.
 """
 
@@ -70,7 +70,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--num-iter", default="30", help="comma-separated")
-    parser.add_argument("--forms", default="item,pipelined", help="form[:slots[:loader warps[:ahead 0/1]]], comma-separated")
+    parser.add_argument("--forms", default="item,pipelined", help="form[:option=integer...] (gluon_decode options), comma-separated")
     parser.add_argument("--ncu", action="store_true", help="one profiled step per configuration, for ncu")
     args = parser.parse_args()
     cuda = ctypes.CDLL("libcuda.so.1") if args.ncu else None
@@ -83,12 +83,9 @@ def main():
         for spec in args.forms.split(","):
             form, *rest = spec.split(":")
             options = {"kernel": "gluon", "form": form}
-            if rest:
-                options["slots"] = int(rest[0])
-            if len(rest) > 1:
-                options["loader_warps"] = int(rest[1])
-            if len(rest) > 2:
-                options["ahead"] = bool(int(rest[2]))
+            for option in rest:        # name=integer, e.g. slots=3
+                name, value = option.split("=")
+                options[name] = int(value)
             config = dict(B=b, num_iter=num_iter, **options)
             step = functools.partial(decode_step, backend="pallas", num_iter=num_iter, options=options)
             if args.ncu:
