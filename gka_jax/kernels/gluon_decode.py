@@ -145,7 +145,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, AHEAD: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, UPPER: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -161,8 +161,10 @@ if GLUON:
           h_kv buffer; item j + 2's h_kk needs item j + 1's h_kk released, so landed, so item j's h_kk
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)"""
+        # 16-byte chunk c of row r at chunk c ^ (r // 4 % 8): conflict-free row reads and (UPPER) column reads
+        VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
-                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+                                         gl.SwizzledSharedLayout(VEC, 4, 8, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
@@ -182,39 +184,33 @@ if GLUON:
         gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, UPPER)),
                             (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, UPPER)),
                             (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
-                                          COPY_ROWS, AHEAD))],
+                                          COPY_ROWS, UPPER))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, AHEAD: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver has released that buffer's previous tile."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
-        offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
-                   + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
-        if AHEAD:    # h_kk(0); then h_kk(j + 1) before h_kv(j)
-            if count > 0:
-                _load_tile(ring, full.index(0), free, 0, h_kk_ptr + first.to(gl.int64) * (D * D), offsets, D,
-                           SLOTS, COPY_ROWS)
+        rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
+        offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
+        # UPPER: h_kk's 16-byte chunks that reach the diagonal or right of it (the solver mirrors them)
+        chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            if AHEAD:
-                if j + 1 < count:
-                    _load_tile(ring, full.index(2 * ((j + 1) % 2)), free, 2 * j + 2,
-                               h_kk_ptr + state + stride.to(gl.int64) * (D * D), offsets, D, SLOTS, COPY_ROWS)
-            else:
-                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
-                           COPY_ROWS)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
-                       COPY_ROWS)
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
+                       SLOTS, COPY_ROWS, UPPER)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
+                       D, SLOTS, COPY_ROWS, False)
 
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr):
@@ -231,25 +227,38 @@ if GLUON:
                 return 1 + j % 2, j // 2
 
     @gluon.jit
-    def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr):
+    def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
+                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
         """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
-        lands."""
+        lands; with UPPER only the 16-byte chunks with an element on or above the diagonal."""
         slot, use = _slot(tile, SLOTS)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
-            async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
+            if UPPER:
+                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets,
+                                                       mask=chunk_ends >= row)
+            else:
+                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
         async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr, UPPER: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
-        release its buffer."""
+        release its buffer. UPPER (BLOCKS = 1): the buffer holds the upper triangle; an element below the
+        diagonal is read at its mirror image (the buffer's swizzle keeps both reads free of bank conflicts)."""
         slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
-        values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
+        buffer = ring.index(slot)
+        if UPPER:
+            SQUARE: gl.constexpr = gl.SliceLayout(0, layout)
+            rows = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, SQUARE)), 1)
+            cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, SQUARE)), 0)
+            values = gl.expand_dims(gl.where(rows <= cols, buffer.load(SQUARE), buffer.permute([1, 0]).load(SQUARE)),
+                                    0)                                                        # [1, D, D]
+        else:
+            values = buffer.reshape([BLOCKS, RB, D]).load(layout)
         gl.thread_barrier()                              # every warp of this partition has read the buffer
         mbarrier.arrive(free.index(slot))
         return values
@@ -259,7 +268,7 @@ if GLUON:
                    g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, UPPER: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
@@ -278,7 +287,7 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS).to(
+            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS, UPPER).to(
                 gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
@@ -291,7 +300,7 @@ if GLUON:
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS).to(gl.float32)                                           # [BLOCKS, RB, D]
+                           SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
@@ -411,7 +420,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, ahead=False) -> GKAResult:
+               loader_warps=None, upper=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -454,6 +463,10 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
+    upper = bool(upper)
+    if upper and (form != "pipelined" or blocks != 1):
+        raise ValueError(f"upper=True (h_kk read as its upper triangle) needs the pipelined form with blocks=1; got "
+                         f"form={form!r}, blocks={blocks}")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
@@ -461,8 +474,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps, AHEAD=bool(ahead))
+        tuning = dict(SLOTS=slots, COPY_ROWS=32, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
+                      LOADER_WARPS=loader_warps, UPPER=bool(upper))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
