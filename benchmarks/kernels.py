@@ -452,8 +452,8 @@ DECODE_VARIANTS = [
     ("pallas", "pallas", {}),
     ("pallas split", "pallas", {"kernel": "pallas"}),
     ("gluon item", "pallas", {"kernel": "gluon", "form": "item"}),
-    ("gluon pipelined 4 loader warps", "pallas", {"kernel": "gluon", "form": "pipelined", "loader_warps": 4}),
-    ("gluon pipelined 3 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 3}),
+    ("gluon pipelined 2 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 2}),
+    ("gluon pipelined 4 blocks", "pallas", {"kernel": "gluon", "form": "pipelined", "blocks": 4}),
     ("xla", "xla", {}),
 ]
 

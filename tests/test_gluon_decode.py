@@ -65,15 +65,13 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-@pytest.mark.parametrize("b, slots, loader_warps, upper", [
-    (1, 2, 1, False), (33, 2, 4, False), (67, 3, 1, False), (301, 2, 1, False), (301, 3, 4, False),
-    (134, 2, 4, False), (1, 3, 1, True), (33, 3, 1, True), (67, 2, 1, True), (301, 3, 1, True)])
-def test_pipelined_form_item_counts(b, slots, loader_warps, upper):
+@pytest.mark.parametrize("b, slots, loader_warps", [(1, 2, 1), (33, 2, 4), (67, 3, 1), (301, 2, 1), (301, 3, 4),
+                                                     (134, 2, 4), (1, 3, 1), (33, 3, 1), (301, 3, 1)])
+def test_pipelined_form_item_counts(b, slots, loader_warps):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
     each solver gets none, one or several items and the buffer ring turns over many times."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, upper=upper,
-                    blocks=1 if upper else None)
+    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
@@ -83,8 +81,6 @@ def test_pipelined_options_are_checked():
         run_gluon(args, 10, form="pipelined", slots=4)
     with pytest.raises(ValueError, match="loader_warps=2 is not one of"):
         run_gluon(args, 10, form="pipelined", loader_warps=2)
-    with pytest.raises(ValueError, match="upper=True"):
-        run_gluon(args, 10, form="pipelined", upper=True, blocks=4)
     with pytest.raises(ValueError, match="pipelined form covers D in"):
         run_gluon(decode_inputs(12, b=2, d=64), 10, form="pipelined")
 

@@ -56,12 +56,13 @@ from .gluon_call import AVAILABLE, GLUON, on_hopper, triton_call
 from .reference import HIGHEST, GKAResult
 
 HEAD_DIMS = (32, 64, 128)
-DEFAULT_BLOCKS = 4        # row blocks of H: independent partial sums per thread in each product
+DEFAULT_BLOCKS = 4        # row blocks of H: independent partial sums per thread in each product ("item" form)
+PIPELINED_BLOCKS = 1      # the pipelined form's default: one chain of FMAs per column, fewest instructions
 DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (4: 16-byte accesses)
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "pipelined")
-DEFAULT_SLOTS = 2          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
+DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
@@ -145,7 +146,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, UPPER: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -161,10 +162,8 @@ if GLUON:
           h_kv buffer; item j + 2's h_kk needs item j + 1's h_kk released, so landed, so item j's h_kk
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)"""
-        # 16-byte chunk c of row r at chunk c ^ (r // 4 % 8): conflict-free row reads and (UPPER) column reads
-        VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
-                                         gl.SwizzledSharedLayout(VEC, 4, 8, [1, 0]))
+                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
@@ -184,39 +183,37 @@ if GLUON:
         gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, UPPER)),
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
                             (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr,
                                           g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
                                           h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, UPPER)),
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
                             (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
-                                          COPY_ROWS, UPPER))],
+                                          COPY_ROWS))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver has released that buffer's previous tile."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
-        rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
-        offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
-        # UPPER: h_kk's 16-byte chunks that reach the diagonal or right of it (the solver mirrors them)
-        chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
+        offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
+                   + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                       SLOTS, COPY_ROWS, UPPER)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
-                       D, SLOTS, COPY_ROWS, False)
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
+                       COPY_ROWS)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
+                       COPY_ROWS)
 
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr):
         """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
         t // 2. Three: h_kk always in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so
-        that a solver's next h_kv can load during its own solve (not yet measured: docs/kernels.md)."""
+        that a solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32,
+        num_iter 30 on an H200, docs/benchmarks.md)."""
         if SLOTS == 2:
             return tile % 2, tile // 2
         else:
@@ -227,38 +224,25 @@ if GLUON:
                 return 1 + j % 2, j // 2
 
     @gluon.jit
-    def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
+    def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
+                   COPY_ROWS: gl.constexpr):
         """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
-        lands; with UPPER only the 16-byte chunks with an element on or above the diagonal."""
+        lands."""
         slot, use = _slot(tile, SLOTS)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
-            if UPPER:
-                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets,
-                                                       mask=chunk_ends >= row)
-            else:
-                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
+            async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
         async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr, UPPER: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
-        release its buffer. UPPER (BLOCKS = 1): the buffer holds the upper triangle; an element below the
-        diagonal is read at its mirror image (the buffer's swizzle keeps both reads free of bank conflicts)."""
+        release its buffer."""
         slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
-        buffer = ring.index(slot)
-        if UPPER:
-            SQUARE: gl.constexpr = gl.SliceLayout(0, layout)
-            rows = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, SQUARE)), 1)
-            cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, SQUARE)), 0)
-            values = gl.expand_dims(gl.where(rows <= cols, buffer.load(SQUARE), buffer.permute([1, 0]).load(SQUARE)),
-                                    0)                                                        # [1, D, D]
-        else:
-            values = buffer.reshape([BLOCKS, RB, D]).load(layout)
+        values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
         gl.thread_barrier()                              # every warp of this partition has read the buffer
         mbarrier.arrive(free.index(slot))
         return values
@@ -268,7 +252,7 @@ if GLUON:
                    g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, UPPER: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
@@ -287,7 +271,7 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS, UPPER).to(
+            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS).to(
                 gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
@@ -300,7 +284,7 @@ if GLUON:
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
+                           SLOTS).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
@@ -420,7 +404,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, upper=None) -> GKAResult:
+               loader_warps=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -431,7 +415,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       programs per SM) or "pipelined" (Hopper, D = 128: persistent and warp-specialized; a loader of
       ``loader_warps`` warps, ``LOADER_WARPS``, streams the states through ``slots`` (``RING_SLOTS``, default
       ``DEFAULT_SLOTS``) shared-memory buffers to two solver partitions);
-    - ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``DEFAULT_BLOCKS``); ``lanes``
+    - ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``PIPELINED_BLOCKS`` in the
+      pipelined form, ``DEFAULT_BLOCKS`` in the other); ``lanes``
       (``LANES``: columns per thread, default ``DEFAULT_LANES``);
     - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
@@ -445,7 +430,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     batch, num_heads, d = q.shape
     num_items = batch * num_heads
     form = form or default_form(d, num_items, _multiprocessors(), on_hopper())
-    blocks, lanes, slots = blocks or DEFAULT_BLOCKS, lanes or DEFAULT_LANES, slots or DEFAULT_SLOTS
+    blocks = blocks or (PIPELINED_BLOCKS if form == "pipelined" else DEFAULT_BLOCKS)
+    lanes, slots = lanes or DEFAULT_LANES, slots or DEFAULT_SLOTS
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not one of {FORMS}")
     if lanes not in LANES:
@@ -463,10 +449,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
-    upper = bool(upper)
-    if upper and (form != "pipelined" or blocks != 1):
-        raise ValueError(f"upper=True (h_kk read as its upper triangle) needs the pipelined form with blocks=1; got "
-                         f"form={form!r}, blocks={blocks}")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
@@ -474,8 +456,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, COPY_ROWS=32, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps, UPPER=bool(upper))
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
+                      LOADER_WARPS=loader_warps)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
