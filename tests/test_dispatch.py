@@ -166,10 +166,11 @@ def test_decode_kernel_choice():
 
 
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):
-    """A forced pipelined form on a machine without a Hopper GPU (here: the CPU) is refused with the reason,
-    before any compile."""
+    """A forced pipelined form on a machine without a Hopper GPU is refused with the reason, before any
+    compile (the machine is made one without a Hopper GPU, so that the test also holds on an H100/H200)."""
     from gka_jax.kernels import gluon_decode
     monkeypatch.setattr(gluon_decode, "AVAILABLE", True)
+    monkeypatch.setattr(gluon_decode, "on_hopper", lambda: False)
     b, h, hkv, d = 1, 4, 2, 128
     q, k = jnp.zeros((b, h, d)), jnp.zeros((b, hkv, d))
     states = jnp.zeros((b, h, d, d))
