@@ -32,10 +32,12 @@ during the current one, measured slower than both and was removed: docs/benchmar
 
 - "pipelined" (``_decode_ws_kernel``; the default at D = 128 when B H reaches the number of SMs,
   ``default_form``): one program per SM, warp-specialized. A loader warp copies each item's h_kk, then h_kv,
-  by cp.async into a ring of ``slots`` [D, D] buffers in shared memory; two solver partitions of 4 warps take
-  the items in turn and compute each item's step from the ring. Loads stream while the solvers compute, so
-  the step runs near memory speed once every SM has several items (81% of the copy bandwidth at B = 128,
-  num_iter 30, on an H200).
+  by cp.async into a ring of ``slots`` [D, D] buffers in shared memory (by default three: h_kk's and one
+  h_kv buffer per solver); two solver partitions of 4 warps take the items in turn and compute each item's
+  step from the ring, H held as one block of rows (``PIPELINED_BLOCKS``: a chain of 32 FMAs per column and
+  thread). Loads stream while the solvers compute, so the step runs near memory speed once every SM has
+  several items (86% of the copy bandwidth at B = 128, num_iter 30, on an H200; 74% at B = 32, where an
+  SM's last solve is a tenth of the step).
 - "item" (``_decode_kernel``): one program per item; S is copied to shared memory asynchronously when the
   program starts and read from there after the solve. ``MAXNREG`` caps the registers per thread (ptxas) so
   that three programs (64 KiB of shared memory each) share an SM.
@@ -387,7 +389,7 @@ def supports(q, k, v, h_kk, h_kv) -> bool:
 
 def default_form(d: int, num_items: int, multiprocessors: int, hopper: bool) -> str:
     """The pipelined form on a Hopper GPU where it covers D and every SM gets an item (B H >= #SMs): on an
-    H200 it took 0.090 / 0.311 ms against 0.111 / 0.357 for one program per item at B = 32 / 128, num_iter
+    H200 it took 0.085 / 0.294 ms against 0.111 / 0.357 for one program per item at B = 32 / 128, num_iter
     30; with fewer items than SMs each program has one item and nothing to overlap, so one program per item
     (docs/benchmarks.md). Other GPUs run one program per item: the pipelined form's warp specialization
     (setmaxnreg) is Hopper's, and it was measured on Hopper only."""
