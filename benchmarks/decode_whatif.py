@@ -1,0 +1,110 @@
+"""What-if variants of the pipelined Gluon decode, to see where its time goes (diagnostics, not features).
+
+Each variant is ``gluon_decode.py`` with one edit of its source text, written as a module of its own in a
+temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time of a traced 16-step loop):
+
+- "default": unchanged;
+- "no h_kv' store" / "no h_kk' store" / "no stores": the solvers skip writing the new state(s) (wrong
+  states: this bounds what the stores cost);
+- "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
+- "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch).
+
+    python3 benchmarks/decode_whatif.py [--variants "default,no stores"] [--batches 32,128] [--num-iter 30,0]
+
+Needs a Hopper GPU and jax-triton (as the pipelined form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp  # noqa: E402
+from kernels import RIDGE, SCALE, decode_states, make_inputs, time_decode_loop, to_jax  # noqa: E402
+
+import gka_jax.kernels.gluon_decode as gluon_decode  # noqa: E402
+
+SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)\n"
+H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
+H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
+LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
+PREFETCH = '''    @gluon.jit
+    def _prefetch_l2(source):
+        """L2 prefetch of a [128, 128] fp32 tile by one warp: 2 KiB a lane."""
+        lanes = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 2048;\\n\\tmov.u32 $0, 0;", "=r,l",
+                                  [source + lanes * 512], dtype=gl.int32, is_pure=False, pack=1)
+
+'''
+
+
+def edit_last(text: str, old: str, new: str) -> str:
+    """``text`` with the last ``old`` (the pipelined solver's copy of a line shared with the item kernel)
+    replaced."""
+    assert old in text, old
+    at = text.rindex(old)
+    return text[:at] + new + text[at + len(old):]
+
+
+def prefetching(text: str, distance: int) -> str:
+    assert LOADER_LOOP in text
+    loop = LOADER_LOOP + (f"            if j + {distance} < count:\n"
+                          f"                ahead = (first + (j + {distance}) * stride).to(gl.int64) * (D * D)\n"
+                          "                _prefetch_l2(h_kk_ptr + ahead)\n"
+                          "                _prefetch_l2(h_kv_ptr + ahead)\n")
+    return text.replace(LOADER_LOOP, loop).replace("    @gluon.jit\n    def _slot(", PREFETCH + "    @gluon.jit\n    def _slot(")
+
+
+def variants(text: str) -> dict:
+    tail = ("            if j + 2 >= count:\n    " + SOLVE.replace("NUM_ITER", "0") + "            else:\n    "
+            + SOLVE)
+    assert H_KV_STORE in text
+    return {
+        "default": text,
+        "no h_kv' store": text.replace(H_KV_STORE, ""),
+        "no h_kk' store": edit_last(text, H_KK_STORE, ""),
+        "no stores": edit_last(text.replace(H_KV_STORE, ""), H_KK_STORE, ""),
+        "tail solves num_iter 0": edit_last(text, SOLVE, tail),
+        **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--batches", default="32,128")
+    parser.add_argument("--num-iter", default="30,0")
+    args = parser.parse_args()
+    text = open(gluon_decode.__file__).read().replace("from .", "from gka_jax.kernels.")
+    chosen = variants(text)
+    if args.variants:
+        chosen = {name: chosen[name] for name in args.variants.split(",")}
+    folder = tempfile.mkdtemp()
+    sys.path.insert(0, folder)
+    modules = {}
+    for number, (name, source) in enumerate(chosen.items()):
+        with open(os.path.join(folder, f"decode_whatif_{number}.py"), "w") as f:
+            f.write(source)
+        modules[name] = importlib.import_module(f"decode_whatif_{number}")
+    print("| B | num_iter | variant | decode us |\n| --- | --- | --- | --- |")
+    for b in map(int, args.batches.split(",")):
+        x = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)
+        kk, kv = decode_states(6, b)
+        for num_iter in map(int, args.num_iter.split(",")):
+            for name, module in modules.items():
+                def step(x, h_kk, h_kv, module=module, num_iter=num_iter):
+                    r = module.gka_decode(x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv,
+                                          num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE, form="pipelined")
+                    return r.o, r.h_kk, r.h_kv
+                ms = time_decode_loop(step, x, jnp.asarray(kk), jnp.asarray(kv))
+                print(f"| {b} | {num_iter} | {name} | {1000 * ms:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
