@@ -54,13 +54,6 @@ KERNELS = {
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS),
         warps=lambda d: d // 32),
-    "decode_kv": dict(   # the pipelined form with the new h_kv written by the loader (kv_loader=True)
-        fn=lambda: gluon_decode._decode_kv_loader_kernel,
-        signature=DECODE_SIGNATURE,
-        constants=dict(DECODE_CONSTANTS, BLOCKS=gluon_decode.PIPELINED_BLOCKS, COPY_ROWS=8,
-                       SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.KV_LOADER_REGS,
-                       LOADER_WARPS=4),
-        warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")
 

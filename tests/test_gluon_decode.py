@@ -75,15 +75,6 @@ def test_pipelined_form_item_counts(b, slots, loader_warps):
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
-@pytest.mark.parametrize("b, num_iter", [(1, 10), (33, 30), (301, 10)])
-def test_pipelined_form_with_the_loader_writing_h_kv(b, num_iter):
-    """``kv_loader=True``: the loader partition writes the new h_kv and the solvers read it back for o; 1 to
-    10 items per program, so that every barrier turns over."""
-    args = decode_inputs(13, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, num_iter, form="pipelined", kv_loader=True)
-    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
-
-
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):

@@ -70,7 +70,6 @@ LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
-KV_LOADER_REGS = 80       # kv_loader: registers of the loader, whose 4 warps also write the new h_kv
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -293,146 +292,6 @@ if GLUON:
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
 
     @gluon.jit
-    def _decode_kv_loader_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
-                                 scale, ridge, num_items,
-                                 o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
-                                 NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                                 NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr,
-                                 HAS_ALPHA: gl.constexpr, HAS_G_KK: gl.constexpr, LANES: gl.constexpr,
-                                 COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                                 LOADER_WARPS: gl.constexpr):
-        """The pipelined form with h_kv' written by the loader partition (``kv_loader=True``).
-
-        Buffers: item j's h_kk in buffer j % 2 (one per solver, so that a solver's next h_kk loads during its
-        solve), every h_kv in buffer 2. The loader copies h_kv(j), then h_kk(j + 1), waits for h_kv(j) to
-        land, writes S' = e^{g} S + k v^T from the buffer (which is then free at once) and signals
-        kv_done[j % 4]. The solver of item j solves, waits for kv_done[j % 4] and computes o = scale S'^T q'
-        from S' read back (L2). Phases: full[j % 2] for item j + 2 needs item j's h_kk released, so waited
-        for; kv_done[j % 4] for item j + 4 comes after the loader's copy of h_kk(j + 4), which needs item
-        j + 2's h_kk released, so item j (and its kv_done wait) finished."""
-        ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [3, D, D],
-                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        kv_done = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        for index in gl.static_range(2):
-            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
-            mbarrier.init(free.index(index), count=1)
-        for index in gl.static_range(4):
-            mbarrier.init(kv_done.index(index), count=1)
-        VECTOR: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        iterate_0a = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
-        iterate_0b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
-        iterate_1a = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
-        iterate_1b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
-        first = gl.program_id(0)
-        stride = gl.num_programs(0)
-        count = (num_items - first + stride - 1) // stride       # this program's items
-        gl.warp_specialize([(_kv_solver, (0, ring, full, free, kv_done, iterate_0a, iterate_0b, q_ptr, k_ptr,
-                                          beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
-                                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES)),
-                            (_kv_solver, (1, ring, full, free, kv_done, iterate_1a, iterate_1b, q_ptr, k_ptr,
-                                          beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
-                                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES)),
-                            (_kv_loader, (ring, full, free, kv_done, h_kk_ptr, h_kv_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, h_kv_out_ptr, first, stride, count, NUM_HEADS, GROUP, D,
-                                          COPY_ROWS, HAS_BETA))],
-                           [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
-
-    @gluon.jit
-    def _kv_copy_h_kk(ring, full, free, j, source, offsets, D: gl.constexpr, COPY_ROWS: gl.constexpr):
-        """Copy item j's h_kk into buffer j % 2 once its previous tile (item j - 2's) is released."""
-        use = j // 2
-        mbarrier.wait(free.index(j % 2), (use + 1) & 1, pred=use > 0)
-        buffer = ring.index(j % 2)
-        for row in gl.static_range(0, D, COPY_ROWS):
-            async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
-        async_copy.mbarrier_arrive(full.index(j % 2), increment_count=False)
-
-    @gluon.jit
-    def _kv_loader(ring, full, free, kv_done, h_kk_ptr, h_kv_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr,
-                   h_kv_out_ptr, first, stride, count, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
-                   D: gl.constexpr, COPY_ROWS: gl.constexpr, HAS_BETA: gl.constexpr):
-        """Copies h_kv(j), then h_kk(j + 1); once h_kv(j) has landed, writes S' from it and signals."""
-        VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
-        COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
-        offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
-                   + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
-        CHUNK: gl.constexpr = 16                                                          # rows per update step
-        UPDATE: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [gl.num_warps(), 1], [1, 0])
-        chunk_rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, UPDATE))
-        chunk_cols = gl.arange(0, D, layout=gl.SliceLayout(0, UPDATE))
-        chunk = gl.expand_dims(chunk_rows, 1) * D + gl.expand_dims(chunk_cols, 0)          # [CHUNK, D]
-        kv_buffer = ring.index(2)
-        if count > 0:
-            _kv_copy_h_kk(ring, full, free, 0, h_kk_ptr + first.to(gl.int64) * (D * D), offsets, D, COPY_ROWS)
-        for j in range(count):
-            item = first + j * stride
-            kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
-                                                      HAS_BETA, False)
-            for row in gl.static_range(0, D, COPY_ROWS):
-                async_copy.async_copy_global_to_shared(kv_buffer.slice(row, COPY_ROWS),
-                                                       h_kv_ptr + state + row * D + offsets)
-            async_copy.commit_group()
-            if j + 1 < count:
-                _kv_copy_h_kk(ring, full, free, j + 1, h_kk_ptr + state + stride.to(gl.int64) * (D * D), offsets,
-                              D, COPY_ROWS)
-            async_copy.commit_group()
-            async_copy.wait_group(1)                      # this thread's h_kv(j) copies have landed
-            gl.thread_barrier()                           # ... and every loader warp's
-            v_cols = gl.load(v_ptr + kv_row * D + chunk_cols).to(gl.float32) * beta            # [D]
-            for row in gl.static_range(0, D, CHUNK):
-                s = kv_buffer.slice(row, CHUNK).load(UPDATE).to(gl.float32)                     # [CHUNK, D]
-                k_rows = gl.load(k_ptr + kv_row * D + row + chunk_rows).to(gl.float32) * beta   # [CHUNK]
-                s = gl.exp(g) * s + gl.expand_dims(k_rows, 1) * gl.expand_dims(v_cols, 0)
-                gl.store(h_kv_out_ptr + state + row * D + chunk, s.to(h_kv_out_ptr.dtype.element_ty))
-            gl.thread_barrier()                           # S read by every warp (the buffer is free), S' stored
-            mbarrier.arrive(kv_done.index(j % 4))
-
-    @gluon.jit
-    def _kv_solver(which: gl.constexpr, ring, full, free, kv_done, iterate_a, iterate_b, q_ptr, k_ptr, beta_ptr,
-                   g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
-                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                   NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr):
-        """Items j = which, which + 2, ...: h_kk from buffer j % 2, the solve, then o from S' in memory."""
-        RB: gl.constexpr = D // BLOCKS
-        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
-        ROW: gl.constexpr = gl.SliceLayout(2, L3)
-        COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
-        rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
-                + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
-        cols = gl.arange(0, D, layout=COL)                                                # [D]
-        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
-        for j in range(which, count, 2):
-            item = first + j * stride                   # item = b * H + h
-            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
-                                                         HAS_BETA, HAS_G_KK)
-            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
-            k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            mbarrier.wait(full.index(which), (j // 2) & 1)
-            h = ring.index(which).reshape([BLOCKS, RB, D]).load(L3).to(gl.float32)          # [BLOCKS, RB, D]
-            gl.thread_barrier()                          # every warp of this partition has read the buffer
-            mbarrier.arrive(free.index(which))
-            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
-            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
-            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
-            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
-            mixed = x
-            if HAS_ALPHA:
-                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
-            iterate_b.store(mixed)
-            mixed_all = iterate_b.reshape([BLOCKS, RB]).load(ROW)                           # [BLOCKS, RB]
-            mbarrier.wait(kv_done.index(j % 4), (j // 4) & 1)
-            s = gl.load(h_kv_out_ptr + state + square, cache_modifier=".cg").to(gl.float32)  # S' [BLOCKS, RB, D]
-            o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)            # [D]
-            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
-            gl.thread_barrier()                            # the iterate buffers are reused by the next item
-
-    @gluon.jit
     def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
                       D: gl.constexpr, HAS_BETA: gl.constexpr, HAS_G_KK: gl.constexpr):
         """(kv row, state offset, beta, g, g_kk) of item = b H + h (beta 1 and g_kk = g when absent)."""
@@ -547,7 +406,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, kv_loader=False) -> GKAResult:
+               loader_warps=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -592,18 +451,12 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
-    if kv_loader and (form != "pipelined" or h_kv.dtype != jnp.float32):
-        raise ValueError(f"kv_loader=True needs the pipelined form and fp32 states; got form={form!r}, "
-                         f"h_kv {h_kv.dtype}")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
-    if form == "pipelined" and kv_loader:
-        kernel = _decode_kv_loader_kernel
-        tuning = dict(COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=KV_LOADER_REGS, LOADER_WARPS=4)
-    elif form == "pipelined":
+    if form == "pipelined":
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
                       LOADER_WARPS=loader_warps)
