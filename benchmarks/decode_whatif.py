@@ -58,7 +58,8 @@ def prefetching(text: str, distance: int) -> str:
                           f"                ahead = (first + (j + {distance}) * stride).to(gl.int64) * (D * D)\n"
                           "                _prefetch_l2(h_kk_ptr + ahead)\n"
                           "                _prefetch_l2(h_kv_ptr + ahead)\n")
-    return text.replace(LOADER_LOOP, loop).replace("    @gluon.jit\n    def _slot(", PREFETCH + "    @gluon.jit\n    def _slot(")
+    slot = "    @gluon.jit\n    def _slot("
+    return text.replace(LOADER_LOOP, loop).replace(slot, PREFETCH + slot)
 
 
 def variants(text: str) -> dict:

@@ -50,7 +50,8 @@ KERNELS = {
     "decode_ws": dict(   # the pipelined form
         fn=lambda: gluon_decode._decode_ws_kernel,
         signature=DECODE_SIGNATURE,
-        constants=dict(DECODE_CONSTANTS, SLOTS=gluon_decode.DEFAULT_SLOTS, COPY_ROWS=8,
+        constants=dict(DECODE_CONSTANTS, BLOCKS=gluon_decode.PIPELINED_BLOCKS, SLOTS=gluon_decode.DEFAULT_SLOTS,
+                       COPY_ROWS=8,
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS),
         warps=lambda d: d // 32),

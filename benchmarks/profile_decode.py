@@ -13,8 +13,8 @@ cuProfilerStop, so that Nsight Compute sees only those steps, in the order print
     ncu --profile-from-start off --clock-control none --kernel-name regex:decode \\
         --section SpeedOfLight --section WarpStateStats python3 benchmarks/profile_decode.py --ncu
 
-Configurations: ``--forms item,pipelined:slots=3:loader_warps=4`` (a gluon_decode form[:option=integer...]), ``--batches``,
-``--num-iter``.
+Configurations: ``--forms item,pipelined:slots=3:loader_warps=4`` (a gluon_decode form, then options as
+name=integer), ``--batches``, ``--num-iter``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--num-iter", default="30", help="comma-separated")
-    parser.add_argument("--forms", default="item,pipelined", help="form[:option=integer...] (gluon_decode options), comma-separated")
+    parser.add_argument("--forms", default="item,pipelined",
+                        help="comma-separated form[:name=integer...] (gluon_decode options)")
     parser.add_argument("--ncu", action="store_true", help="one profiled step per configuration, for ncu")
     args = parser.parse_args()
     cuda = ctypes.CDLL("libcuda.so.1") if args.ncu else None

@@ -53,8 +53,8 @@ def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, 
 
 @pytest.mark.parametrize("form, blocks, lanes, maxnreg, slots", [
     ("item", 8, 1, None, None), ("item", 4, 4, 0, None), ("item", 16, 2, 200, None), ("item", 1, 1, 168, None),
-    ("item", 8, 4, 0, None), ("pipelined", 4, 4, None, 2), ("pipelined", 8, 2, None, 3), ("pipelined", 1, 4, None, 3),
-    ("pipelined", 2, 4, None, 3)])
+    ("item", 8, 4, 0, None), ("pipelined", 4, 4, None, 2), ("pipelined", 8, 2, None, 3),
+    ("pipelined", 1, 4, None, 3), ("pipelined", 2, 4, None, 3)])
 @pytest.mark.parametrize("b", [40, 300])
 def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     """One program per item, or the pipelined form's programs, which walk several items each when B * H
