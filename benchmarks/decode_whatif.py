@@ -25,11 +25,6 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax.numpy as jnp  # noqa: E402
-from kernels import RIDGE, SCALE, decode_states, make_inputs, time_decode_loop, to_jax  # noqa: E402
-
-import gka_jax.kernels.gluon_decode as gluon_decode  # noqa: E402
-
 SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)\n"
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
@@ -76,14 +71,23 @@ def variants(text: str) -> dict:
     }
 
 
+def kernel_source() -> str:
+    """gluon_decode.py's text, its relative imports made absolute (the variants live outside the package)."""
+    import gka_jax.kernels.gluon_decode as gluon_decode
+    with open(gluon_decode.__file__) as f:
+        return f.read().replace("from .", "from gka_jax.kernels.")
+
+
 def main():
+    import jax.numpy as jnp
+    from kernels import RIDGE, SCALE, decode_states, make_inputs, time_decode_loop, to_jax
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--num-iter", default="30,0")
     args = parser.parse_args()
-    text = open(gluon_decode.__file__).read().replace("from .", "from gka_jax.kernels.")
-    chosen = variants(text)
+    chosen = variants(kernel_source())
     if args.variants:
         chosen = {name: chosen[name] for name in args.variants.split(",")}
     folder = tempfile.mkdtemp()

@@ -1,0 +1,31 @@
+"""benchmarks/decode_whatif.py edits gluon_decode.py's source text to build its diagnostic variants; this
+checks on CPU that every edit still finds its anchor in the kernel source and yields valid Python, so that a
+change to the kernel cannot silently turn a variant into the default (the variants run on a GPU only)."""
+
+import ast
+import importlib.util
+
+from conftest import REPO
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("decode_whatif", REPO / "benchmarks" / "decode_whatif.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_variant_is_an_edit_of_the_kernel_source():
+    tool = load_tool()
+    source = tool.kernel_source()
+    variants = tool.variants(source)
+    assert variants["default"] == source
+    assert len(variants) == 8
+    for name, text in variants.items():
+        ast.parse(text)
+        if name != "default":
+            assert text != source, name
+    assert tool.SOLVE.replace("NUM_ITER", "0") in variants["tail solves num_iter 0"]
+    assert tool.H_KV_STORE not in variants["no stores"]
+    assert variants["no stores"].count(tool.H_KK_STORE) == source.count(tool.H_KK_STORE) - 1
+    assert "_prefetch_l2(h_kv_ptr + ahead)" in variants["L2 prefetch 2 ahead"]
