@@ -64,12 +64,15 @@ DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "pipelined")
+DEFAULT_MIRROR = False     # pipelined form: h_kk read as its upper triangle (``_ws_mirror_loader``)
 DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
+MIRROR_REGS = 88           # pipelined form, mirror=True: the h_kk loader's 4 warps (2 x 4 x 192 + 4 x 40 + 4 x 88 warps
+                           # x 32 lanes = 65536 registers)
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -148,7 +151,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, MIRROR_REGS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -163,13 +166,26 @@ if GLUON:
         - SLOTS = 3 (h_kk in buffer 0, item j's h_kv in buffer 1 + j % 2): item j + 2's h_kv reuses item j's
           h_kv buffer; item j + 2's h_kk needs item j + 1's h_kk released, so landed, so item j's h_kk
           released after its wait.
-        (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)"""
-        ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D],
-                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
+
+        MIRROR (SLOTS = 3): h_kk has a loader partition of its own (``_ws_mirror_loader``), which copies only
+        its upper triangle and mirrors the rest in shared memory; the h_kv tiles keep ``_ws_loader``. The two
+        streams are independent: h_kk tiles use buffer 0 and h_kv tiles buffers 1 and 2, as above."""
+        if MIRROR:
+            # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
+            # mirror's column reads are both free of bank conflicts.
+            VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth
+            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])
+        else:
+            RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D], RING)
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
-            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
+            if MIRROR and index % 2 == 0:
+                mbarrier.init(full.index(index), count=1)       # the mirror loader arrives once per tile
+            else:
+                mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
         # Each solver's two iterate buffers are allocations of their own: Triton's barrier analysis tells
@@ -182,33 +198,96 @@ if GLUON:
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                            (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
-                                          COPY_ROWS))],
-                           [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
+        if MIRROR:
+            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
+                                              SLOTS, COPY_ROWS, False)),
+                                (_ws_mirror_loader, (ring, full, free, h_kk_ptr, first, stride, count, D,
+                                                     COPY_ROWS))],
+                               [gl.num_warps(), LOADER_WARPS, 4], [SOLVER_REGS, LOADER_REGS, MIRROR_REGS])
+        else:
+            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
+                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
+                                              SLOTS, COPY_ROWS, True))],
+                               [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, WITH_H_KK: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile."""
+        once the solver has released that buffer's previous tile (h_kv only without WITH_H_KK)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
                    + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
-                       COPY_ROWS)
+            if WITH_H_KK:
+                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
+                           COPY_ROWS)
             _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
                        COPY_ROWS)
+
+    @gluon.jit
+    def _ws_mirror_loader(ring, full, free, h_kk_ptr, first, stride, count, D: gl.constexpr,
+                          COPY_ROWS: gl.constexpr):
+        """h_kk of the program's j-th item into buffer 0: only the 16-byte chunks that reach the diagonal or
+        lie right of it are read (52% of the bytes at D = 128: h_kk is symmetric); once they have landed the
+        chunks left of the diagonal are written from their mirror images (``_mirror_lower``), then
+        full[2 (j % 2)] is arrived on once."""
+        VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
+        COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
+        rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
+        offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
+        chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
+        buffer = ring.index(0)
+        for j in range(count):
+            source = h_kk_ptr + (first + j * stride).to(gl.int64) * (D * D)
+            mbarrier.wait(free.index(0), (j + 1) & 1, pred=j > 0)     # the solver has taken item j - 1's
+            for row in gl.static_range(0, D, COPY_ROWS):
+                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets,
+                                                       mask=chunk_ends >= row)
+            async_copy.commit_group()
+            async_copy.wait_group(0)
+            gl.thread_barrier()                                      # every lane's copies have landed
+            _mirror_lower(buffer, D, VEC)
+            gl.thread_barrier()
+            mbarrier.arrive(full.index(2 * (j % 2)))
+
+    @gluon.jit
+    def _mirror_lower(buffer, D: gl.constexpr, VEC: gl.constexpr):
+        """buffer [D, D] holds a symmetric matrix's chunks of VEC columns on or right of the diagonal; write
+        each chunk left of it (c // VEC < r // VEC) as the transpose of its mirror image, in [32, 32] blocks:
+        a lane per row, so that the column reads of the mirror and the 16-byte row writes are both free of
+        bank conflicts in the ring's swizzle."""
+        B: gl.constexpr = 8 * VEC       # the swizzle's period: 8 chunks
+        BLOCK: gl.constexpr = gl.BlockedLayout([1, VEC], [32, 1], [1, gl.num_warps()], [1, 0])
+        r = gl.arange(0, B, layout=gl.SliceLayout(1, BLOCK))
+        c = gl.arange(0, B, layout=gl.SliceLayout(0, BLOCK))
+        below = gl.expand_dims(c // VEC, 0) < gl.expand_dims(r // VEC, 1)                    # [B, B]
+        for row_block in gl.static_range(D // B):
+            for col_block in gl.static_range(row_block + 1):
+                target = buffer.slice(row_block * B, B, 0).slice(col_block * B, B, 1)
+                image = buffer.slice(col_block * B, B, 0).slice(row_block * B, B, 1)
+                values = image.permute([1, 0]).load(BLOCK)                                  # [B, B]
+                if col_block == row_block:    # a diagonal block keeps its chunks on or right of the diagonal
+                    values = gl.where(below, values, target.load(BLOCK))
+                target.store(values)
 
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr):
@@ -406,7 +485,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None) -> GKAResult:
+               loader_warps=None, mirror=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -420,7 +499,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     - ``blocks`` (partial sums per thread, a power of 2 dividing D; default ``PIPELINED_BLOCKS`` in the
       pipelined form, ``DEFAULT_BLOCKS`` in the other); ``lanes``
       (``LANES``: columns per thread, default ``DEFAULT_LANES``);
-    - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none).
+    - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none);
+    - ``mirror`` (pipelined form, 3 slots; default ``DEFAULT_MIRROR``): read only h_kk's upper triangle
+      (16-byte chunks on or right of the diagonal) and mirror the rest in shared memory. It relies on h_kk
+      being symmetric, as every state this package writes is (the kernel then writes h_kk' exactly
+      symmetric).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -451,6 +534,10 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
+    mirror = DEFAULT_MIRROR and form == "pipelined" and slots == 3 if mirror is None else bool(mirror)
+    if mirror and (form != "pipelined" or slots != 3):
+        raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3; "
+                         f"got form={form!r}, slots={slots}")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
@@ -459,7 +546,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if form == "pipelined":
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps)
+                      LOADER_WARPS=loader_warps, MIRROR=mirror, MIRROR_REGS=MIRROR_REGS)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
