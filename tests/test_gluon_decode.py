@@ -75,21 +75,18 @@ def test_pipelined_form_item_counts(b, slots, loader_warps):
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
-@pytest.mark.parametrize("b, num_iter, dtype", [(1, 30, np.float32), (33, 10, np.float32), (301, 30, np.float32),
-                                                (70, 10, jnp.bfloat16)])
-def test_mirror_reads_only_the_upper_triangle(b, num_iter, dtype):
+@pytest.mark.parametrize("b, num_iter", [(1, 30), (33, 10), (301, 30), (67, 0)])
+def test_mirror_reads_only_the_upper_triangle(b, num_iter):
     """mirror=True: h_kk's 16-byte chunks left of the diagonal are never read (here NaN), they are rebuilt
     from their mirror images; the step and the written h_kk' equal the reference's on the symmetric state.
-    1 to 10 items per program (H = 4), fp32 and bf16 states."""
+    1 to 10 items per program (H = 4)."""
     args = decode_inputs(41, b=b, d=128, g_kk=True)
-    args.update({n: jnp.asarray(args[n], dtype) for n in STATES})
     want = run(reference.gka_decode, args, num_iter)
-    vec = 16 // jnp.dtype(dtype).itemsize
-    chunk = np.arange(128) // vec
+    chunk = np.arange(128) // 4
     below = chunk[None, :] < chunk[:, None]                                  # [D, D]
-    corrupted = dict(args, h_kk=jnp.where(below, jnp.nan, args["h_kk"]).astype(dtype))
+    corrupted = dict(args, h_kk=np.where(below, np.nan, args["h_kk"]).astype(np.float32))
     got = run_gluon(corrupted, num_iter, form="pipelined", mirror=True)
-    assert_close(got, want, 1e-5 if dtype == np.float32 else 1e-3)
+    assert_close(got, want, 1e-5)
 
 
 def test_pipelined_options_are_checked():
@@ -102,6 +99,9 @@ def test_pipelined_options_are_checked():
         run_gluon(decode_inputs(12, b=2, d=64), 10, form="pipelined")
     with pytest.raises(ValueError, match="mirror=True .* needs the pipelined form with slots=3"):
         run_gluon(args, 10, form="pipelined", slots=2, mirror=True)
+    bf16_states = dict(args, h_kk=jnp.asarray(args["h_kk"], jnp.bfloat16), h_kv=jnp.asarray(args["h_kv"], jnp.bfloat16))
+    with pytest.raises(ValueError, match="and float32 states"):
+        run_gluon(bf16_states, 10, form="pipelined", mirror=True)
 
 
 def test_zero_state_first_token():

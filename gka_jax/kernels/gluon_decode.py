@@ -64,15 +64,15 @@ DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "pipelined")
-DEFAULT_MIRROR = False     # pipelined form: h_kk read as its upper triangle (``_ws_mirror_loader``)
+DEFAULT_MIRROR = False     # pipelined form: h_kk read as its upper triangle (``_ws_mirror``)
 DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
-MIRROR_REGS = 88           # pipelined form, mirror=True: the h_kk loader's 4 warps (2 x 4 x 192 + 4 x 40 + 4 x 88 warps
-                           # x 32 lanes = 65536 registers)
+MIRROR_REGS = 64           # pipelined form, mirror=True: the loader's and the mirror partition's registers per thread
+                           # ((2 x 4 x 192 + 4 x 64 + 4 x 64) warps x 32 lanes = 65536)
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -168,9 +168,10 @@ if GLUON:
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
 
-        MIRROR (SLOTS = 3): h_kk has a loader partition of its own (``_ws_mirror_loader``), which copies only
-        its upper triangle and mirrors the rest in shared memory; the h_kv tiles keep ``_ws_loader``. The two
-        streams are independent: h_kk tiles use buffer 0 and h_kv tiles buffers 1 and 2, as above."""
+        MIRROR (fp32 states, SLOTS = 3): the loader copies only h_kk's upper triangle and arrives on ``landed``;
+        a mirror partition (``_ws_mirror``) then writes the rest from its mirror image and arrives on h_kk's
+        full barrier (count 1). ``landed`` needs one phase per tile: the loader's next h_kk waits for the
+        solver's take, which follows the mirror's wait."""
         if MIRROR:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
@@ -181,9 +182,11 @@ if GLUON:
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D], RING)
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        landed = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())   # MIRROR: h_kk copied
+        mbarrier.init(landed.index(0), count=32 * LOADER_WARPS)
         for index in gl.static_range(4):
             if MIRROR and index % 2 == 0:
-                mbarrier.init(full.index(index), count=1)       # the mirror loader arrives once per tile
+                mbarrier.init(full.index(index), count=1)       # the mirror partition arrives once per tile
             else:
                 mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
@@ -207,11 +210,10 @@ if GLUON:
                                               g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
                                               BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                              SLOTS, COPY_ROWS, False)),
-                                (_ws_mirror_loader, (ring, full, free, h_kk_ptr, first, stride, count, D,
-                                                     COPY_ROWS))],
-                               [gl.num_warps(), LOADER_WARPS, 4], [SOLVER_REGS, LOADER_REGS, MIRROR_REGS])
+                                (_ws_loader, (ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count,
+                                              D, SLOTS, COPY_ROWS, True)),
+                                (_ws_mirror, (ring, full, landed, count, D))],
+                               [gl.num_warps(), LOADER_WARPS, 4], [SOLVER_REGS, MIRROR_REGS, MIRROR_REGS])
         else:
             gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
                                               g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
@@ -221,73 +223,83 @@ if GLUON:
                                               g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
                                               BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                              SLOTS, COPY_ROWS, True))],
+                                (_ws_loader, (ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count,
+                                              D, SLOTS, COPY_ROWS, False))],
                                [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, WITH_H_KK: gl.constexpr):
+    def _ws_loader(ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile (h_kv only without WITH_H_KK)."""
-        VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
-        COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
-        offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
-                   + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
-        for j in range(count):
-            state = (first + j * stride).to(gl.int64) * (D * D)
-            if WITH_H_KK:
-                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, D, SLOTS,
-                           COPY_ROWS)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, D, SLOTS,
-                       COPY_ROWS)
-
-    @gluon.jit
-    def _ws_mirror_loader(ring, full, free, h_kk_ptr, first, stride, count, D: gl.constexpr,
-                          COPY_ROWS: gl.constexpr):
-        """h_kk of the program's j-th item into buffer 0: only the 16-byte chunks that reach the diagonal or
-        lie right of it are read (52% of the bytes at D = 128: h_kk is symmetric); once they have landed the
-        chunks left of the diagonal are written from their mirror images (``_mirror_lower``), then
-        full[2 (j % 2)] is arrived on once."""
+        once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
+        that reach the diagonal or lie right of it (52% of the bytes at D = 128), arriving on ``landed``."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
-        buffer = ring.index(0)
         for j in range(count):
-            source = h_kk_ptr + (first + j * stride).to(gl.int64) * (D * D)
-            mbarrier.wait(free.index(0), (j + 1) & 1, pred=j > 0)     # the solver has taken item j - 1's
-            for row in gl.static_range(0, D, COPY_ROWS):
-                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets,
-                                                       mask=chunk_ends >= row)
-            async_copy.commit_group()
-            async_copy.wait_group(0)
-            gl.thread_barrier()                                      # every lane's copies have landed
-            _mirror_lower(buffer, D, VEC)
-            gl.thread_barrier()
-            mbarrier.arrive(full.index(2 * (j % 2)))
+            state = (first + j * stride).to(gl.int64) * (D * D)
+            if MIRROR:
+                _load_tile(ring, landed.index(0), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
+                           COPY_ROWS, True)
+            else:
+                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
+                           SLOTS, COPY_ROWS, False)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
+                       D, SLOTS, COPY_ROWS, False)
 
     @gluon.jit
-    def _mirror_lower(buffer, D: gl.constexpr, VEC: gl.constexpr):
-        """buffer [D, D] holds a symmetric matrix's chunks of VEC columns on or right of the diagonal; write
-        each chunk left of it (c // VEC < r // VEC) as the transpose of its mirror image, in [32, 32] blocks:
-        a lane per row, so that the column reads of the mirror and the 16-byte row writes are both free of
-        bank conflicts in the ring's swizzle."""
-        B: gl.constexpr = 8 * VEC       # the swizzle's period: 8 chunks
-        BLOCK: gl.constexpr = gl.BlockedLayout([1, VEC], [32, 1], [1, gl.num_warps()], [1, 0])
-        r = gl.arange(0, B, layout=gl.SliceLayout(1, BLOCK))
-        c = gl.arange(0, B, layout=gl.SliceLayout(0, BLOCK))
-        below = gl.expand_dims(c // VEC, 0) < gl.expand_dims(r // VEC, 1)                    # [B, B]
-        for row_block in gl.static_range(D // B):
-            for col_block in gl.static_range(row_block + 1):
-                target = buffer.slice(row_block * B, B, 0).slice(col_block * B, B, 1)
-                image = buffer.slice(col_block * B, B, 0).slice(row_block * B, B, 1)
-                values = image.permute([1, 0]).load(BLOCK)                                  # [B, B]
-                if col_block == row_block:    # a diagonal block keeps its chunks on or right of the diagonal
-                    values = gl.where(below, values, target.load(BLOCK))
-                target.store(values)
+    def _ws_mirror(ring, full, landed, count, D: gl.constexpr):
+        """MIRROR: for each h_kk tile whose upper-triangle chunks have landed in buffer 0, write the chunks left
+        of the diagonal (c // 4 < r // 4) from their mirror images, then arrive on the tile's full barrier.
+        D = 128, fp32, in [32, 32 or 64] pieces of rows 32 R..32 R + 31: a lane per row, so that the column
+        reads of the mirror images and the 16-byte row writes are both free of bank conflicts in the ring's
+        swizzle; the pieces are read in two batches before they are written (few barriers)."""
+        buffer = ring.index(0)
+        for j in range(count):
+            mbarrier.wait(landed.index(0), j & 1)
+            piece_0 = _mirror_piece(buffer, 0, 0, 32, True)
+            piece_1 = _mirror_piece(buffer, 1, 0, 64, True)
+            piece_2 = _mirror_piece(buffer, 2, 0, 64, False)
+            _store_piece(buffer, 0, 0, piece_0)
+            _store_piece(buffer, 1, 0, piece_1)
+            _store_piece(buffer, 2, 0, piece_2)
+            piece_3 = _mirror_piece(buffer, 2, 64, 32, True)
+            piece_4 = _mirror_piece(buffer, 3, 0, 64, False)
+            piece_5 = _mirror_piece(buffer, 3, 64, 64, True)
+            _store_piece(buffer, 2, 64, piece_3)
+            _store_piece(buffer, 3, 0, piece_4)
+            _store_piece(buffer, 3, 64, piece_5)
+            gl.thread_barrier()                       # every warp's writes precede the arrive
+            mbarrier.arrive(full.index(2 * (j % 2)))
+
+    @gluon.constexpr_function
+    def _piece_layout(width):
+        """[32, width] over 4 warps: a lane per row, 4 adjacent columns per thread (16 bytes)."""
+        return gl.BlockedLayout([1, 4], [32, 1], [1, 4], [1, 0])
+
+    @gluon.jit
+    def _mirror_piece(buffer, row_block: gl.constexpr, col_start: gl.constexpr, WIDTH: gl.constexpr,
+                      DIAGONAL: gl.constexpr):
+        """Rows 32 row_block.. and columns col_start.. (+ WIDTH) of the symmetric buffer, from the mirror
+        image (a transposed read of the upper triangle); a piece that holds the diagonal keeps its own chunks
+        on or right of it."""
+        LAYOUT: gl.constexpr = _piece_layout(WIDTH)
+        image = buffer.slice(col_start, WIDTH, 0).slice(row_block * 32, 32, 1)
+        values = image.permute([1, 0]).load(LAYOUT)                                       # [32, WIDTH]
+        if DIAGONAL:
+            rows = row_block * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, LAYOUT))
+            cols = col_start + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, LAYOUT))
+            below = gl.expand_dims(cols // 4, 0) < gl.expand_dims(rows // 4, 1)
+            own = buffer.slice(row_block * 32, 32, 0).slice(col_start, WIDTH, 1).load(LAYOUT)
+            values = gl.where(below, values, own)
+        return values
+
+    @gluon.jit
+    def _store_piece(buffer, row_block: gl.constexpr, col_start: gl.constexpr, values):
+        buffer.slice(row_block * 32, 32, 0).slice(col_start, values.shape[1], 1).store(values)
 
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr):
@@ -305,15 +317,20 @@ if GLUON:
                 return 1 + j % 2, j // 2
 
     @gluon.jit
-    def _load_tile(ring, full, free, tile, source, offsets, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr):
+    def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
+                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
         """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
-        lands."""
+        lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
+        are zero-filled, reading nothing)."""
         slot, use = _slot(tile, SLOTS)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
-            async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
+            if UPPER:
+                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets,
+                                                       mask=chunk_ends >= row)
+            else:
+                async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
         async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
@@ -500,7 +517,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       pipelined form, ``DEFAULT_BLOCKS`` in the other); ``lanes``
       (``LANES``: columns per thread, default ``DEFAULT_LANES``);
     - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none);
-    - ``mirror`` (pipelined form, 3 slots; default ``DEFAULT_MIRROR``): read only h_kk's upper triangle
+    - ``mirror`` (pipelined form, 3 slots, fp32 states; default ``DEFAULT_MIRROR``): read only h_kk's upper triangle
       (16-byte chunks on or right of the diagonal) and mirror the rest in shared memory. It relies on h_kk
       being symmetric, as every state this package writes is (the kernel then writes h_kk' exactly
       symmetric).
@@ -534,10 +551,12 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
-    mirror = DEFAULT_MIRROR and form == "pipelined" and slots == 3 if mirror is None else bool(mirror)
-    if mirror and (form != "pipelined" or slots != 3):
-        raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3; "
-                         f"got form={form!r}, slots={slots}")
+    fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
+    if mirror is None:
+        mirror = DEFAULT_MIRROR and form == "pipelined" and slots == 3 and fp32_states
+    if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
+        raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3 "
+                         f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
