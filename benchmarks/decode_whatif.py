@@ -11,7 +11,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "mirror": h_kk read as its upper triangle and mirrored in shared memory (``mirror=True``);
 - "mirror without its work": the same, but the mirror partition only passes each landed tile on (wrong
   states: what the mirror's own latency costs);
-- "upper copy, no mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
+- "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
   states: what the bytes alone save).
 
     python3 benchmarks/decode_whatif.py [--variants "default,no stores"] [--batches 32,128] [--num-iter 30,0]
@@ -87,7 +87,7 @@ def variants(text: str) -> dict:
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
         "mirror without its work": without_mirror_work(text.replace(*MIRROR_ON)),
-        "upper copy, no mirror": text.replace(PLAIN_H_KK_LOAD, PLAIN_H_KK_LOAD.replace("False)", "True)")),
+        "upper copy without a mirror": text.replace(PLAIN_H_KK_LOAD, PLAIN_H_KK_LOAD.replace("False)", "True)")),
     }
 
 
