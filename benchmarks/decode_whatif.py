@@ -9,8 +9,6 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
 - "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch);
 - "mirror": h_kk read as its upper triangle and mirrored in shared memory (``mirror=True``);
-- "mirror without its work": the same, but the mirror partition only passes each landed tile on (wrong
-  states: what the mirror's own latency costs);
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
   states: what the bytes alone save).
 
@@ -63,15 +61,8 @@ def prefetching(text: str, distance: int) -> str:
 
 
 MIRROR_ON = ("DEFAULT_MIRROR = False", "DEFAULT_MIRROR = True")
-MIRROR_WORK_START = "            piece_0 = _mirror_piece("
-MIRROR_WORK_END = "            _store_piece(buffer, 3, 64, piece_5)\n"
-PLAIN_H_KK_LOAD = ("_load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,\n"
-                   "                           SLOTS, COPY_ROWS, False)")
-
-
-def without_mirror_work(text: str) -> str:
-    start, end = text.index(MIRROR_WORK_START), text.index(MIRROR_WORK_END) + len(MIRROR_WORK_END)
-    return text[:start] + text[end:]
+H_KK_LOAD = ("_load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,\n"
+             "                       SLOTS, COPY_ROWS, MIRROR)")
 
 
 def variants(text: str) -> dict:
@@ -86,8 +77,7 @@ def variants(text: str) -> dict:
         "tail solves num_iter 0": edit_last(text, SOLVE, tail),
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
-        "mirror without its work": without_mirror_work(text.replace(*MIRROR_ON)),
-        "upper copy without a mirror": text.replace(PLAIN_H_KK_LOAD, PLAIN_H_KK_LOAD.replace("False)", "True)")),
+        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR)", "True)")),
     }
 
 

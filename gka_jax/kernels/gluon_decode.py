@@ -64,15 +64,14 @@ DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "pipelined")
-DEFAULT_MIRROR = False     # pipelined form: h_kk read as its upper triangle (``_ws_mirror``)
+DEFAULT_MIRROR = False     # pipelined form: h_kk read as its upper triangle (``_mirror_square``)
 DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
-MIRROR_REGS = 64           # pipelined form, mirror=True: the loader's and the mirror partition's registers per thread
-                           # ((2 x 4 x 192 + 4 x 64 + 4 x 64) warps x 32 lanes = 65536)
+MIRROR_LOADER_REGS = 64    # pipelined form, mirror=True: the loader's registers (its masks spill at 40)
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -151,7 +150,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, MIRROR_REGS: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -168,10 +167,9 @@ if GLUON:
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
 
-        MIRROR (fp32 states, SLOTS = 3): the loader copies only h_kk's upper triangle and arrives on ``landed``;
-        a mirror partition (``_ws_mirror``) then writes the rest from its mirror image and arrives on h_kk's
-        full barrier (count 1). ``landed`` needs one phase per tile: the loader's next h_kk waits for the
-        solver's take, which follows the mirror's wait."""
+        MIRROR (fp32 states): the loader copies only h_kk's upper triangle; the solver that takes the tile first
+        writes the rest from its mirror image (``_mirror_square``). (A partition of its own for the mirror
+        made the solvers slower: 92-95 against 85 us at B = 32, num_iter 30, docs/benchmarks.md.)"""
         if MIRROR:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
@@ -182,13 +180,8 @@ if GLUON:
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D], RING)
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-        landed = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())   # MIRROR: h_kk copied
-        mbarrier.init(landed.index(0), count=32 * LOADER_WARPS)
         for index in gl.static_range(4):
-            if MIRROR and index % 2 == 0:
-                mbarrier.init(full.index(index), count=1)       # the mirror partition arrives once per tile
-            else:
-                mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
+            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
         # Each solver's two iterate buffers are allocations of their own: Triton's barrier analysis tells
@@ -201,38 +194,24 @@ if GLUON:
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        if MIRROR:
-            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                                (_ws_loader, (ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count,
-                                              D, SLOTS, COPY_ROWS, True)),
-                                (_ws_mirror, (ring, full, landed, count, D))],
-                               [gl.num_warps(), LOADER_WARPS, 4], [SOLVER_REGS, MIRROR_REGS, MIRROR_REGS])
-        else:
-            gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                              g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                              BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS)),
-                                (_ws_loader, (ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count,
-                                              D, SLOTS, COPY_ROWS, False))],
-                               [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
+        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
+                            (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
+                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
+                                          COPY_ROWS, MIRROR))],
+                           [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
-        that reach the diagonal or lie right of it (52% of the bytes at D = 128), arriving on ``landed``."""
+        that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
@@ -241,39 +220,30 @@ if GLUON:
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            if MIRROR:
-                _load_tile(ring, landed.index(0), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
-                           COPY_ROWS, True)
-            else:
-                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                           SLOTS, COPY_ROWS, False)
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
+                       SLOTS, COPY_ROWS, MIRROR)
             _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
                        D, SLOTS, COPY_ROWS, False)
 
     @gluon.jit
-    def _ws_mirror(ring, full, landed, count, D: gl.constexpr):
-        """MIRROR: for each h_kk tile whose upper-triangle chunks have landed in buffer 0, write the chunks left
-        of the diagonal (c // 4 < r // 4) from their mirror images, then arrive on the tile's full barrier.
-        D = 128, fp32, in [32, 32 or 64] pieces of rows 32 R..32 R + 31: a lane per row, so that the column
-        reads of the mirror images and the 16-byte row writes are both free of bank conflicts in the ring's
-        swizzle; the pieces are read in two batches before they are written (few barriers)."""
-        buffer = ring.index(0)
-        for j in range(count):
-            mbarrier.wait(landed.index(0), j & 1)
-            piece_0 = _mirror_piece(buffer, 0, 0, 32, True)
-            piece_1 = _mirror_piece(buffer, 1, 0, 64, True)
-            piece_2 = _mirror_piece(buffer, 2, 0, 64, False)
-            _store_piece(buffer, 0, 0, piece_0)
-            _store_piece(buffer, 1, 0, piece_1)
-            _store_piece(buffer, 2, 0, piece_2)
-            piece_3 = _mirror_piece(buffer, 2, 64, 32, True)
-            piece_4 = _mirror_piece(buffer, 3, 0, 64, False)
-            piece_5 = _mirror_piece(buffer, 3, 64, 64, True)
-            _store_piece(buffer, 2, 64, piece_3)
-            _store_piece(buffer, 3, 0, piece_4)
-            _store_piece(buffer, 3, 64, piece_5)
-            gl.thread_barrier()                       # every warp's writes precede the arrive
-            mbarrier.arrive(full.index(2 * (j % 2)))
+    def _mirror_square(buffer):
+        """buffer [128, 128] fp32 holds a symmetric matrix's 16-byte chunks on or right of the diagonal; write
+        the chunks left of it (c // 4 < r // 4) from their mirror images. In [32, 32 or 64] pieces of rows
+        32 R..32 R + 31 over 4 warps: a lane per row, so that the column reads of the mirror images and the
+        16-byte row writes are both free of bank conflicts in the ring's swizzle; the pieces are read in two
+        batches before they are written (11 barriers in all)."""
+        piece_0 = _mirror_piece(buffer, 0, 0, 32, True)
+        piece_1 = _mirror_piece(buffer, 1, 0, 64, True)
+        piece_2 = _mirror_piece(buffer, 2, 0, 64, False)
+        _store_piece(buffer, 0, 0, piece_0)
+        _store_piece(buffer, 1, 0, piece_1)
+        _store_piece(buffer, 2, 0, piece_2)
+        piece_3 = _mirror_piece(buffer, 2, 64, 32, True)
+        piece_4 = _mirror_piece(buffer, 3, 0, 64, False)
+        piece_5 = _mirror_piece(buffer, 3, 64, 64, True)
+        _store_piece(buffer, 2, 64, piece_3)
+        _store_piece(buffer, 3, 0, piece_4)
+        _store_piece(buffer, 3, 64, piece_5)
 
     @gluon.constexpr_function
     def _piece_layout(width):
@@ -335,11 +305,14 @@ if GLUON:
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
-        release its buffer."""
+        release its buffer; MIRROR: the buffer holds the upper triangle, mirrored first."""
         slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
+        if MIRROR:
+            _mirror_square(ring.index(slot))
+            gl.thread_barrier()
         values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
         gl.thread_barrier()                              # every warp of this partition has read the buffer
         mbarrier.arrive(free.index(slot))
@@ -350,7 +323,7 @@ if GLUON:
                    g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
@@ -369,8 +342,8 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS).to(
-                gl.float32)
+            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
+                           MIRROR).to(gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -382,7 +355,7 @@ if GLUON:
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS).to(gl.float32)                                           # [BLOCKS, RB, D]
+                           SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
@@ -564,8 +537,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS, LOADER_REGS=LOADER_REGS,
-                      LOADER_WARPS=loader_warps, MIRROR=mirror, MIRROR_REGS=MIRROR_REGS)
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
+                      LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
+                      MIRROR=mirror)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
