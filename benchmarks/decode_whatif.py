@@ -9,6 +9,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
 - "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch);
 - "mirror": h_kk read as its upper triangle and mirrored in shared memory (``mirror=True``);
+- "... swizzled" / "... unswizzled" / "... loader 64 registers": a variant with the ring swizzled as the
+  mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
   states: what the bytes alone save).
 
@@ -65,11 +67,24 @@ H_KK_LOAD = ("_load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + 
              "                       SLOTS, COPY_ROWS, MIRROR)")
 
 
+SWIZZLED = "            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])\n"
+PLAIN = "            RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])\n"
+LOADER_REGS = "LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS,"
+
+
+def swizzled(text: str) -> str:
+    return text.replace(PLAIN, PLAIN.replace("(1, 1, 1,", "(4, 1, 8,"))
+
+
+def unswizzled(text: str) -> str:
+    return text.replace(SWIZZLED, SWIZZLED.replace("(VEC, 1, 8,", "(1, 1, 1,"))
+
+
 def variants(text: str) -> dict:
     tail = ("            if j + 2 >= count:\n    " + SOLVE.replace("NUM_ITER", "0") + "            else:\n    "
             + SOLVE)
-    assert H_KV_STORE in text
-    return {
+    assert H_KV_STORE in text and SWIZZLED in text and PLAIN in text and LOADER_REGS in text
+    found = {
         "default": text,
         "no h_kv' store": text.replace(H_KV_STORE, ""),
         "no h_kk' store": edit_last(text, H_KK_STORE, ""),
@@ -79,6 +94,11 @@ def variants(text: str) -> dict:
         "mirror": text.replace(*MIRROR_ON),
         "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR)", "True)")),
     }
+    upper = found["upper copy without a mirror"]
+    found["upper copy without a mirror, swizzled"] = swizzled(upper)
+    found["upper copy without a mirror, loader 64 registers"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
+    found["mirror, unswizzled"] = unswizzled(found["mirror"])
+    return found
 
 
 def kernel_source() -> str:
