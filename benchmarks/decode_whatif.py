@@ -9,7 +9,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
 - "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch);
 - "mirror": h_kk read as its upper triangle and mirrored in shared memory (``mirror=True``);
-- "... swizzled" / "... unswizzled" / "... loader 64 registers": a variant with the ring swizzled as the
+- "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
   states: what the bytes alone save).
@@ -95,9 +95,9 @@ def variants(text: str) -> dict:
         "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR)", "True)")),
     }
     upper = found["upper copy without a mirror"]
-    found["upper copy without a mirror, swizzled"] = swizzled(upper)
-    found["upper copy without a mirror, loader 64 registers"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
-    found["mirror, unswizzled"] = unswizzled(found["mirror"])
+    found["upper copy without a mirror (swizzled)"] = swizzled(upper)
+    found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
+    found["mirror (unswizzled)"] = unswizzled(found["mirror"])
     return found
 
 
@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--num-iter", default="30,0")
     args = parser.parse_args()
     chosen = variants(kernel_source())
+    assert not any("," in name for name in chosen)
     if args.variants:
         chosen = {name: chosen[name] for name in args.variants.split(",")}
     folder = tempfile.mkdtemp()
