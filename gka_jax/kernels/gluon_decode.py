@@ -436,13 +436,22 @@ if GLUON:
         async_copy.commit_group()
 
     @gluon.jit
+    def _reciprocal(value):
+        """1 / value by the SFU (rcp.approx.ftz.f32, within 1 ulp): two instructions with the multiply-add
+        before it. An IEEE-range division is a dozen dependent instructions, which ptxas may schedule ahead of
+        an iteration's iterate loads, delaying every iteration (seen in an offline compile of the mirror
+        variant: 0.45 against 0.30 us per iteration on an H200)."""
+        return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [value], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
     def _chebyshev_step(h, iterate_in, iterate_out, x, x_prev, omega, q, lam, step, rho_sq_4,
                         BLOCKS: gl.constexpr, RB: gl.constexpr, ROW: gl.constexpr):
         """One ``reference._chebyshev`` iteration: reads the iterate x from ``iterate_in`` (each thread the
         elements of its rows), writes the next one to ``iterate_out``; returns (x', x, omega')."""
         x_all = iterate_in.reshape([BLOCKS, RB]).load(ROW)                            # [BLOCKS, RB]
         h_x = gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=0), axis=0)   # [D]: blocks first, then the rows
-        omega = 1.0 / (1.0 - rho_sq_4 * omega)
+        omega = _reciprocal(1.0 - rho_sq_4 * omega)
         residual = h_x + lam * x - q
         x_next = omega * x - step * omega * residual - (omega - 1.0) * x_prev
         iterate_out.store(x_next)
