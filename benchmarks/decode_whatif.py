@@ -8,7 +8,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   states: this bounds what the stores cost);
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
 - "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch);
-- "mirror": h_kk read as its upper triangle and mirrored in shared memory (``mirror=True``);
+- "mirror": h_kk read as its upper triangle and mirrored in shared memory at every num_iter (the default
+  does so up to ``MIRROR_MAX_ITER``);
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
@@ -62,7 +63,7 @@ def prefetching(text: str, distance: int) -> str:
     return text.replace(LOADER_LOOP, loop).replace(slot, PREFETCH + slot)
 
 
-MIRROR_ON = ("DEFAULT_MIRROR = False", "DEFAULT_MIRROR = True")
+MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
 H_KK_LOAD = ("_load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,\n"
              "                       SLOTS, COPY_ROWS, MIRROR)")
 

@@ -454,6 +454,8 @@ DECODE_VARIANTS = [
     ("gluon item", "pallas", {"kernel": "gluon", "form": "item"}),
     ("gluon pipelined 2 slots", "pallas", {"kernel": "gluon", "form": "pipelined", "slots": 2}),
     ("gluon pipelined 4 blocks", "pallas", {"kernel": "gluon", "form": "pipelined", "blocks": 4}),
+    ("gluon pipelined mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": True}),
+    ("gluon pipelined no mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": False}),
     ("xla", "xla", {}),
 ]
 

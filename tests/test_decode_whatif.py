@@ -29,4 +29,4 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     assert tool.H_KV_STORE not in variants["no stores"]
     assert variants["no stores"].count(tool.H_KK_STORE) == source.count(tool.H_KK_STORE) - 1
     assert "_prefetch_l2(h_kv_ptr + ahead)" in variants["L2 prefetch 2 ahead"]
-    assert "DEFAULT_MIRROR = True" in variants["mirror"]
+    assert "MIRROR_MAX_ITER = 1000 " in variants["mirror"]

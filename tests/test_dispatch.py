@@ -163,6 +163,15 @@ def test_decode_kernel_choice():
     assert default_form(128, 1 * 32, 132, hopper=True) == "item"
     assert default_form(64, 32 * 32, 132, hopper=True) == "item"
     assert default_form(128, 32 * 32, 108, hopper=False) == "item"     # an A100: not measured there
+    # h_kk read as its upper triangle (mirror) where the loads bound the step: up to num_iter 10, fp32 states,
+    # the pipelined form with its three buffers.
+    from gka_jax.kernels.gluon_decode import MIRROR_MAX_ITER, default_mirror
+    assert MIRROR_MAX_ITER == 10
+    assert default_mirror("pipelined", 3, True, 10) and default_mirror("pipelined", 3, True, 0)
+    assert not default_mirror("pipelined", 3, True, 30)
+    assert not default_mirror("pipelined", 2, True, 10)
+    assert not default_mirror("pipelined", 3, False, 10)
+    assert not default_mirror("item", 3, True, 10)
 
 
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):

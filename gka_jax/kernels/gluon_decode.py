@@ -37,7 +37,10 @@ during the current one, measured slower than both and was removed: docs/benchmar
   step from the ring, H held as one block of rows (``PIPELINED_BLOCKS``: a chain of 32 FMAs per column and
   thread). Loads stream while the solvers compute, so the step runs near memory speed once every SM has
   several items (86% of the copy bandwidth at B = 128, num_iter 30, on an H200; 74% at B = 32, where the
-  solves stay partly exposed: docs/kernels.md).
+  solves stay partly exposed: docs/kernels.md). Up to num_iter 10 (``default_mirror``) the loader copies only h_kk's upper
+  triangle (16-byte chunks on or right of the diagonal: 52% of its bytes; h_kk is symmetric) and the solver
+  that takes it writes the rest from the mirror image in shared memory (``_mirror_square``), so the step
+  moves 12% fewer bytes; at num_iter 30 that made the step slower (docs/kernels.md).
 - "item" (``_decode_kernel``): one program per item; S is copied to shared memory asynchronously when the
   program starts and read from there after the solve. ``MAXNREG`` caps the registers per thread (ptxas) so
   that three programs (64 KiB of shared memory each) share an SM.
@@ -64,7 +67,7 @@ DEFAULT_LANES = 4         # columns per thread = lanes sharing a column's rows (
 LANES = (1, 2, 4)
 DEFAULT_MAXNREG = 168     # 3 programs of 4 warps per SM (65536 registers); the loop needs no spills at 168
 FORMS = ("item", "pipelined")
-DEFAULT_MIRROR = False     # pipelined form: h_kk read as its upper triangle (``_mirror_square``)
+MIRROR_MAX_ITER = 10       # pipelined form: h_kk read as its upper triangle up to this num_iter (``default_mirror``)
 DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memory (64 KiB each at D = 128)
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
@@ -474,6 +477,14 @@ def default_form(d: int, num_items: int, multiprocessors: int, hopper: bool) -> 
     return "pipelined" if hopper and d in PIPELINED_HEAD_DIMS and num_items >= multiprocessors else "item"
 
 
+def default_mirror(form: str, slots: int, fp32_states: bool, num_iter: int) -> bool:
+    """Read h_kk as its upper triangle (``mirror``) in the pipelined form with 3 buffers and fp32 states, up to
+    ``MIRROR_MAX_ITER`` iterations. On an H200 (docs/benchmarks.md) it made the step faster where the loads
+    bound it: 70-72 against 77-78 us at B = 32 and 261-266 against 287-289 at B = 128, num_iter 10; and slower
+    where the solves do: 88-93 against 84-85 and 322-334 against 293-297 at num_iter 30."""
+    return form == "pipelined" and slots == 3 and fp32_states and num_iter <= MIRROR_MAX_ITER
+
+
 def _multiprocessors() -> int:
     """Streaming multiprocessors of the first GPU (132 on an H100/H200 SXM when jax does not say)."""
     try:
@@ -499,7 +510,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       pipelined form, ``DEFAULT_BLOCKS`` in the other); ``lanes``
       (``LANES``: columns per thread, default ``DEFAULT_LANES``);
     - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none);
-    - ``mirror`` (pipelined form, 3 slots, fp32 states; default ``DEFAULT_MIRROR``): read only h_kk's upper triangle
+    - ``mirror`` (pipelined form, 3 slots, fp32 states; default ``default_mirror``): read only h_kk's upper triangle
       (16-byte chunks on or right of the diagonal) and mirror the rest in shared memory. It relies on h_kk
       being symmetric, as every state this package writes is (the kernel then writes h_kk' exactly
       symmetric).
@@ -535,7 +546,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
-        mirror = DEFAULT_MIRROR and form == "pipelined" and slots == 3 and fp32_states
+        mirror = default_mirror(form, slots, fp32_states, int(num_iter))
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
         raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3 "
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
