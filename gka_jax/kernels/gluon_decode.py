@@ -36,7 +36,7 @@ during the current one, measured slower than both and was removed: docs/benchmar
   h_kv buffer per solver); two solver partitions of 4 warps take the items in turn and compute each item's
   step from the ring, H held as one block of rows (``PIPELINED_BLOCKS``: a chain of 32 FMAs per column and
   thread). Loads stream while the solvers compute, so the step runs near memory speed once every SM has
-  several items (86% of the copy bandwidth at B = 128, num_iter 30, on an H200; 74% at B = 32, where the
+  several items (86% of the copy bandwidth at B = 128, num_iter 30, on an H200; 74-76% at B = 32, where the
   solves stay partly exposed: docs/kernels.md). Up to num_iter 10 (``default_mirror``) the loader copies only h_kk's upper
   triangle (16-byte chunks on or right of the diagonal: 52% of its bytes; h_kk is symmetric) and the solver
   that takes it writes the rest from the mirror image in shared memory (``_mirror_square``), so the step
