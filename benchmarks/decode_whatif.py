@@ -12,6 +12,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   does so up to ``MIRROR_MAX_ITER``);
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
+- "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
+  fixed delay on the solver's path cost what the mirror costs?);
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
   states: what the bytes alone save).
 
@@ -73,6 +75,23 @@ PLAIN = "            RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0
 LOADER_REGS = "LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS,"
 
 
+TAKE_WAIT = "        mbarrier.wait(full, phase & 1)\n"
+SPIN = '''    @gluon.jit
+    def _delay(value, NANOSECONDS: gl.constexpr):
+        """A nanosleep of about NANOSECONDS (what-if variant only)."""
+        return gl.inline_asm_elementwise(f"nanosleep.u32 {NANOSECONDS};\\n\\tmov.u32 $0, 0;", "=r,r", [value],
+                                         dtype=gl.int32, is_pure=False, pack=1)
+
+'''
+
+
+def delayed(text: str, nanoseconds: int) -> str:
+    assert TAKE_WAIT in text
+    wait = TAKE_WAIT + f"        if tile % 2 == 0:\n            _delay(tile, {nanoseconds})\n"
+    slot = "    @gluon.jit\n    def _slot("
+    return text.replace(TAKE_WAIT, wait).replace(slot, SPIN + slot)
+
+
 def swizzled(text: str) -> str:
     return text.replace(PLAIN, PLAIN.replace("(1, 1, 1,", "(4, 1, 8,"))
 
@@ -99,6 +118,8 @@ def variants(text: str) -> dict:
     found["upper copy without a mirror (swizzled)"] = swizzled(upper)
     found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
+    for nanoseconds in (1000, 4000):
+        found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found
 
 
