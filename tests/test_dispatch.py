@@ -174,6 +174,16 @@ def test_decode_kernel_choice():
     assert not default_mirror("item", 3, True, 10)
 
 
+def test_gluon_options_are_refused_by_the_pallas_decode():
+    """Tuning options of the Gluon decode kernel reaching the Pallas kernels (interpret mode here) are refused
+    with the reason, not a TypeError."""
+    q, k = jnp.zeros((1, 4, 16)), jnp.zeros((1, 2, 16))
+    beta, h = jnp.zeros((1, 4)), jnp.zeros((1, 4, 16, 16))
+    with pytest.raises(ValueError, match="mirror, slots: tuning of the Gluon decode kernel"):
+        kernels.gka_decode(q, k, k, beta, beta, None, h, h, num_iter=1, ridge_strength=0.02, scale=0.25,
+                           backend="pallas_interpret", slots=3, mirror=True)
+
+
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):
     """A forced pipelined form on a machine without a Hopper GPU is refused with the reason, before any
     compile (the machine is made one without a Hopper GPU, so that the test also holds on an H100/H200)."""

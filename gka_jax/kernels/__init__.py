@@ -33,6 +33,7 @@ from .reference import HIGHEST, GKAResult
 BACKENDS = ("pallas", "xla", "pallas_interpret")
 DECODE_KERNELS = ("auto", "gluon", "pallas")
 _PALLAS_DECODE_OPTIONS = {"split", "matvec", "num_warps", "value_num_warps", "value_block"}
+_GLUON_DECODE_OPTIONS = {"form", "blocks", "lanes", "maxnreg", "slots", "loader_warps", "mirror"}
 
 
 def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluon_available=None) -> str:
@@ -55,13 +56,23 @@ def _gpu_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, kernel: str = "auto", **
     """The decode step on a GPU: the Gluon kernel or the Pallas kernels (``decode_kernel``)."""
     if decode_kernel(q, k, v, h_kk, h_kv, kernel=kernel, options=kwargs) == "gluon":
         return gluon_decode.gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
+    return _pallas_decode(q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
+
+
+def _pallas_decode(q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs):
+    """The Pallas decode kernels; the Gluon kernel's tuning options are refused with the reason."""
+    gluon_only = sorted(set(kwargs) & _GLUON_DECODE_OPTIONS)
+    if gluon_only:
+        raise ValueError(f"{', '.join(gluon_only)}: tuning of the Gluon decode kernel, but the Pallas decode kernels "
+                         f"run here (kernel='pallas', interpret mode, or no jax-triton/Gluon: "
+                         f"kernels.decode_kernel)")
     return pallas_decode.gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, **kwargs)
 
 
 _PREFILL = {"xla": reference.gka_prefill, "pallas": pallas_prefill.gka_prefill,
             "pallas_interpret": functools.partial(pallas_prefill.gka_prefill, interpret=True)}
 _DECODE = {"xla": reference.gka_decode, "pallas": _gpu_decode,
-           "pallas_interpret": functools.partial(pallas_decode.gka_decode, interpret=True)}
+           "pallas_interpret": functools.partial(_pallas_decode, interpret=True)}
 _PALLAS = pallas_prefill.AVAILABLE and pallas_decode.AVAILABLE
 _AVAILABLE = {"xla": True, "pallas": _PALLAS, "pallas_interpret": _PALLAS}
 _warned: set[str] = set()
