@@ -9,7 +9,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
 - "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch);
 - "mirror": h_kk read as its upper triangle and mirrored in shared memory at every num_iter (the default
-  does so up to ``MIRROR_MAX_ITER``);
+  does so up to ``MIRROR_MAX_ITER``); "mirror by the loader": the same with ``mirror="loader"``;
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
@@ -66,13 +66,14 @@ def prefetching(text: str, distance: int) -> str:
 
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
+BY_SOLVER = 'mirror = "solver" if mirror is True else mirror or None'
 H_KK_LOAD = ("_load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,\n"
-             "                       SLOTS, COPY_ROWS, MIRROR)")
+             "                           SLOTS, COPY_ROWS, MIRROR == 1)")
 
 
 SWIZZLED = "            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])\n"
 PLAIN = "            RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])\n"
-LOADER_REGS = "LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS,"
+LOADER_REGS = "LOADER_REGS=MIRROR_LOADER_REGS[mirror] if mirror else LOADER_REGS,"
 
 
 TAKE_WAIT = "        mbarrier.wait(full, phase & 1)\n"
@@ -103,7 +104,7 @@ def unswizzled(text: str) -> str:
 def variants(text: str) -> dict:
     tail = ("            if j + 2 >= count:\n    " + SOLVE.replace("NUM_ITER", "0") + "            else:\n    "
             + SOLVE)
-    assert H_KV_STORE in text and SWIZZLED in text and PLAIN in text and LOADER_REGS in text
+    assert all(anchor in text for anchor in (H_KV_STORE, SWIZZLED, PLAIN, LOADER_REGS, BY_SOLVER, H_KK_LOAD))
     found = {
         "default": text,
         "no h_kv' store": text.replace(H_KV_STORE, ""),
@@ -112,7 +113,8 @@ def variants(text: str) -> dict:
         "tail solves num_iter 0": edit_last(text, SOLVE, tail),
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
-        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR)", "True)")),
+        "mirror by the loader": text.replace(*MIRROR_ON).replace(BY_SOLVER, BY_SOLVER.replace('"solver" if', '"loader" if')),
+        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1)", "True)")),
     }
     upper = found["upper copy without a mirror"]
     found["upper copy without a mirror (swizzled)"] = swizzled(upper)

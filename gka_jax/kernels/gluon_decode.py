@@ -74,7 +74,8 @@ LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
-MIRROR_LOADER_REGS = 64    # pipelined form, mirror=True: the loader's registers (its masks spill at 40)
+MIRRORS = ("solver", "loader")   # pipelined form: who writes h_kk's lower triangle from its mirror image
+MIRROR_LOADER_REGS = {"solver": 64, "loader": 88}   # the loader's registers (its masks spill at 40)
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -170,10 +171,12 @@ if GLUON:
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
 
-        MIRROR (fp32 states): the loader copies only h_kk's upper triangle; the solver that takes the tile first
-        writes the rest from its mirror image (``_mirror_square``). (A partition of its own for the mirror
-        made the solvers slower: 92-95 against 85 us at B = 32, num_iter 30, docs/benchmarks.md.)"""
-        if MIRROR:
+        MIRROR (fp32 states; 1: "solver", 2: "loader"): the loader copies only h_kk's upper triangle; the solver
+        that takes the tile first (1) or the loader once the copies have landed (2: it waits on ``landed``,
+        then arrives once on h_kk's full barrier) writes the rest from its mirror image. (A partition of its
+        own for the mirror made the solvers slower: 92-95 against 85 us at B = 32, num_iter 30,
+        docs/benchmarks.md.)"""
+        if MIRROR > 0:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
             VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth
@@ -183,8 +186,15 @@ if GLUON:
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D], RING)
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        landed = full                      # MIRROR 2: a barrier of its own, h_kk's copies landed (else unused)
+        if MIRROR == 2:
+            landed = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(landed.index(0), count=32 * LOADER_WARPS)
         for index in gl.static_range(4):
-            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
+            if MIRROR == 2 and index % 2 == 0:
+                mbarrier.init(full.index(index), count=1)           # the loader arrives once, after the mirror
+            else:
+                mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
         # Each solver's two iterate buffers are allocations of their own: Triton's barrier analysis tells
@@ -205,12 +215,12 @@ if GLUON:
                                           g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                                           x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
                                           BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
-                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS,
-                                          COPY_ROWS, MIRROR))],
+                            (_ws_loader, (ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count, D,
+                                          SLOTS, COPY_ROWS, MIRROR))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+    def _ws_loader(ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
@@ -223,8 +233,16 @@ if GLUON:
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                       SLOTS, COPY_ROWS, MIRROR)
+            if MIRROR == 2:      # the upper triangle; once it has landed, the rest from its mirror image here
+                _load_tile(ring, landed.index(0), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
+                           COPY_ROWS, True)
+                mbarrier.wait(landed.index(0), j & 1)
+                _mirror_square_in_strips(ring.index(0))
+                gl.thread_barrier()
+                mbarrier.arrive(full.index(2 * (j % 2)))
+            else:
+                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
+                           SLOTS, COPY_ROWS, MIRROR == 1)
             _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
                        D, SLOTS, COPY_ROWS, False)
 
@@ -249,12 +267,20 @@ if GLUON:
         _store_piece(buffer, 3, 64, piece_5)
 
     @gluon.jit
+    def _mirror_square_in_strips(buffer):
+        """``_mirror_square`` in [32, 16] pieces, one at a time (few registers: the loader's warps)."""
+        for row_block in gl.static_range(4):
+            for strip in gl.static_range(2 * row_block + 2):
+                values = _mirror_piece(buffer, row_block, strip * 16, 16, strip >= 2 * row_block)
+                _store_piece(buffer, row_block, strip * 16, values)
+
+    @gluon.jit
     def _mirror_piece(buffer, row_block: gl.constexpr, col_start: gl.constexpr, WIDTH: gl.constexpr,
                       DIAGONAL: gl.constexpr):
         """Rows 32 row_block.. and columns col_start.. (+ WIDTH) of the symmetric buffer, from the mirror
         image (a transposed read of the upper triangle); a piece that holds the diagonal keeps its own chunks
         on or right of it."""
-        LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 4], [1, 0])   # a lane per row, 16 bytes
+        LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, gl.num_warps()], [1, 0])  # a lane per row
         image = buffer.slice(col_start, WIDTH, 0).slice(row_block * 32, 32, 1)
         values = image.permute([1, 0]).load(LAYOUT)                                       # [32, WIDTH]
         if DIAGONAL:
@@ -308,7 +334,7 @@ if GLUON:
         release its buffer; MIRROR: the buffer holds the upper triangle, mirrored first."""
         slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
-        if MIRROR:
+        if MIRROR == 1:
             _mirror_square(ring.index(slot))
             gl.thread_barrier()
         values = ring.index(slot).reshape([BLOCKS, RB, D]).load(layout)
@@ -506,9 +532,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (``LANES``: columns per thread, default ``DEFAULT_LANES``);
     - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none);
     - ``mirror`` (pipelined form, 3 slots, fp32 states; default ``default_mirror``): read only h_kk's upper triangle
-      (16-byte chunks on or right of the diagonal) and mirror the rest in shared memory. It relies on h_kk
-      being symmetric, as every state this package writes is (the kernel then writes h_kk' exactly
-      symmetric).
+      (16-byte chunks on or right of the diagonal) and mirror the rest in shared memory, by the solver
+      (True or "solver") or by the loader ("loader"; not yet measured on a GPU). It relies on h_kk being
+      symmetric, as every state this package writes is (the kernel then writes h_kk' exactly symmetric).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -542,6 +568,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
         mirror = default_mirror(form, slots, fp32_states, int(num_iter))
+    mirror = "solver" if mirror is True else mirror or None
+    if mirror is not None and mirror not in MIRRORS:
+        raise ValueError(f"mirror={mirror!r} is not a bool or one of {MIRRORS}")
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
         raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3 "
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
@@ -553,8 +582,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if form == "pipelined":
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
-                      LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=mirror)
+                      LOADER_REGS=MIRROR_LOADER_REGS[mirror] if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
+                      MIRROR=0 if mirror is None else 1 + MIRRORS.index(mirror))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
