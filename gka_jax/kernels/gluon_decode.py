@@ -237,7 +237,7 @@ if GLUON:
                 _load_tile(ring, landed.index(0), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
                            COPY_ROWS, True)
                 mbarrier.wait(landed.index(0), j & 1)
-                _mirror_square_in_strips(ring.index(0))
+                _mirror_square_in_blocks(ring.index(0))
                 gl.thread_barrier()
                 mbarrier.arrive(full.index(2 * (j % 2)))
             else:
@@ -267,12 +267,13 @@ if GLUON:
         _store_piece(buffer, 3, 64, piece_5)
 
     @gluon.jit
-    def _mirror_square_in_strips(buffer):
-        """``_mirror_square`` in [32, 16] pieces, one at a time (few registers: the loader's warps)."""
+    def _mirror_square_in_blocks(buffer):
+        """``_mirror_square`` in [32, 32] pieces, one at a time (fewer registers: the loader's warps). Slices
+        stay aligned to the ring's swizzle period (8 chunks = 32 columns)."""
         for row_block in gl.static_range(4):
-            for strip in gl.static_range(2 * row_block + 2):
-                values = _mirror_piece(buffer, row_block, strip * 16, 16, strip >= 2 * row_block)
-                _store_piece(buffer, row_block, strip * 16, values)
+            for col_block in gl.static_range(row_block + 1):
+                values = _mirror_piece(buffer, row_block, col_block * 32, 32, col_block == row_block)
+                _store_piece(buffer, row_block, col_block * 32, values)
 
     @gluon.jit
     def _mirror_piece(buffer, row_block: gl.constexpr, col_start: gl.constexpr, WIDTH: gl.constexpr,
