@@ -34,3 +34,19 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     for name in ("mirror", "mirror by the loader"):
         upper = variants[f"{name} with an upper h_kk' store"]
         assert upper.count(tool.UPPER_STORE[1]) == 1 and upper.replace(*tool.UPPER_STORE[::-1]) == variants[name]
+
+
+def test_the_timeline_marks_find_their_anchors():
+    """benchmarks/decode_timeline.py's traced kernel: every mark placed once, the trace as an extra output."""
+    spec = importlib.util.spec_from_file_location("decode_timeline", REPO / "benchmarks" / "decode_timeline.py")
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    tool = load_tool()
+    for name in ("default", "mirror"):
+        text = timeline.traced(tool.variants(tool.kernel_source())[name])
+        ast.parse(text)
+        for mark in (0, 1, 2, 3, 4, 5):
+            assert text.count(f"_mark(x_ptr, first, j, {mark})") == 1, mark
+        for mark in (8, 9, 10):
+            assert text.count(f"_mark(trace_ptr, first, j, {mark})") == 1, mark
+        assert timeline.X_STORE not in text.split("def _ws_solver")[1].split("def _item_scalars")[0]
