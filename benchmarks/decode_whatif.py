@@ -9,7 +9,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
 - "L2 prefetch N ahead": the loader also prefetches item j + N's states into L2 (cp.async.bulk.prefetch);
 - "mirror": h_kk read as its upper triangle and mirrored in shared memory at every num_iter (the default
-  does so up to ``MIRROR_MAX_ITER``); "mirror by the loader": the same with ``mirror="loader"``;
+  does so up to ``MIRROR_MAX_ITER``);
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)\n"
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
-LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
+LOADER_LOOP = ("        for j in range(count):\n            item = first + j * stride                   # item = b * H + h\n"
+               "            state = item.to(gl.int64) * (D * D)\n")
 PREFETCH = '''    @gluon.jit
     def _prefetch_l2(source):
         """L2 prefetch of a [128, 128] fp32 tile by one warp: 2 KiB a lane."""
@@ -69,14 +70,12 @@ def prefetching(text: str, distance: int) -> str:
 
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
-BY_SOLVER = 'mirror = "solver" if mirror is True else mirror or None'
-H_KK_LOAD = ("_load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,\n"
-             "                           SLOTS, COPY_ROWS, MIRROR == 1)")
+H_KK_LOAD = "_copy_tile(ring, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1)"
 
 
 SWIZZLED = "            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])\n"
 PLAIN = "            RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])\n"
-LOADER_REGS = "LOADER_REGS=MIRROR_LOADER_REGS[mirror] if mirror else LOADER_REGS,"
+LOADER_REGS = "LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS,"
 
 
 TAKE_WAIT = "        mbarrier.wait(full, phase & 1)\n"
@@ -116,7 +115,7 @@ def unswizzled(text: str) -> str:
 def variants(text: str) -> dict:
     tail = ("            if j + 2 >= count:\n    " + SOLVE.replace("NUM_ITER", "0") + "            else:\n    "
             + SOLVE)
-    assert all(anchor in text for anchor in (H_KV_STORE, SWIZZLED, PLAIN, LOADER_REGS, BY_SOLVER, H_KK_LOAD))
+    assert all(anchor in text for anchor in (H_KV_STORE, SWIZZLED, PLAIN, LOADER_REGS, H_KK_LOAD))
     found = {
         "default": text,
         "no h_kv' store": text.replace(H_KV_STORE, ""),
@@ -125,15 +124,13 @@ def variants(text: str) -> dict:
         "tail solves num_iter 0": edit_last(text, SOLVE, tail),
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
-        "mirror by the loader": text.replace(*MIRROR_ON).replace(BY_SOLVER, BY_SOLVER.replace('"solver" if', '"loader" if')),
         "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1)", "True)")),
     }
     upper = found["upper copy without a mirror"]
     found["upper copy without a mirror (swizzled)"] = swizzled(upper)
     found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
-    for name in ("mirror", "mirror by the loader"):
-        found[f"{name} with an upper h_kk' store"] = upper_store(found[name])
+    found["mirror with an upper h_kk' store"] = upper_store(found["mirror"])
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

@@ -20,7 +20,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 18
+    assert len(variants) == 16
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -30,10 +30,8 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     assert variants["no stores"].count(tool.H_KK_STORE) == source.count(tool.H_KK_STORE) - 1
     assert "_prefetch_l2(h_kv_ptr + ahead)" in variants["L2 prefetch 2 ahead"]
     assert "MIRROR_MAX_ITER = 1000 " in variants["mirror"]
-    assert 'mirror = "loader" if mirror is True' in variants["mirror by the loader"]
-    for name in ("mirror", "mirror by the loader"):
-        upper = variants[f"{name} with an upper h_kk' store"]
-        assert upper.count(tool.UPPER_STORE[1]) == 1 and upper.replace(*tool.UPPER_STORE[::-1]) == variants[name]
+    upper = variants["mirror with an upper h_kk' store"]
+    assert upper.count(tool.UPPER_STORE[1]) == 1 and upper.replace(*tool.UPPER_STORE[::-1]) == variants["mirror"]
 
 
 def test_the_timeline_marks_find_their_anchors():

@@ -74,11 +74,13 @@ LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
-MIRRORS = ("solver", "loader")   # pipelined form: who writes h_kk's lower triangle from its mirror image
-MIRROR_LOADER_REGS = {"solver": 64, "loader": 88}   # the loader's registers (its masks spill at 40)
+MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
+VECTOR_SETS = 4            # pipelined form: items whose q, k, v rows the loader has copied to shared memory
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
+
+    SETS = gl.constexpr(VECTOR_SETS)   # (a kernel reads module globals as constexprs only)
 
     @gluon.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
@@ -117,8 +119,9 @@ if GLUON:
         iterate_b = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
         for item in range(first, num_items, stride):         # item = b * H + h
-            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
-                                                         HAS_BETA, HAS_G_KK)
+            kv_row, state = _kv_row(item, NUM_HEADS, GROUP), item.to(gl.int64) * (D * D)
+            beta, g, g_kk, alpha = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, HAS_BETA, HAS_ALPHA,
+                                                 HAS_G_KK)
 
             # H = exp(g_kk) H + k k^T, written back at once.
             h = gl.load(h_kk_ptr + state + square).to(gl.float32)                            # [BLOCKS, RB, D]
@@ -132,7 +135,7 @@ if GLUON:
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
-                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+                mixed = q + alpha * (x - q)
 
             # S = exp(g) S + k v^T and o = scale S^T q', from the copy of S in shared memory.
             async_copy.wait_group(0)
@@ -171,11 +174,15 @@ if GLUON:
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
 
-        MIRROR (fp32 states; 1: "solver", 2: "loader"): the loader copies only h_kk's upper triangle; the solver
-        that takes the tile first (1) or the loader once the copies have landed (2: it waits on ``landed``,
-        then arrives once on h_kk's full barrier) writes the rest from its mirror image. (A partition of its
-        own for the mirror made the solvers slower: 92-95 against 85 us at B = 32, num_iter 30,
-        docs/benchmarks.md.)"""
+        With h_kk's tile the loader also copies item j's rows of q, k and v into vector set j % 4 (``VECTOR_SETS``;
+        set j % 4 is reused by item j + 4, whose h_kk tile is copied after item j + 2's was taken, which its
+        solver does once item j is done), so that the solvers read them from shared memory rather than wait on
+        global loads in each item; the item's scalars (beta, g, g_kk, alpha) are loaded one item ahead.
+
+        MIRROR (fp32 states): the loader copies only h_kk's upper triangle; the solver that takes the tile
+        first writes the rest from its mirror image. (The loader warp mirroring each tile once its copies land
+        made the step slower, 98 against 88 us at B = 32, num_iter 30, as did a partition of its own for the
+        mirror: 92-95 against 85 us; docs/benchmarks.md.)"""
         if MIRROR > 0:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
@@ -184,17 +191,14 @@ if GLUON:
         else:
             RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D], RING)
+        VECTORS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])     # (a layout of each set)
+        q_shared = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [SETS, D], VECTORS)
+        k_shared = gl.allocate_shared_memory(k_ptr.dtype.element_ty, [SETS, D], VECTORS)
+        v_shared = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [SETS, D], VECTORS)
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-        landed = full                      # MIRROR 2: a barrier of its own, h_kk's copies landed (else unused)
-        if MIRROR == 2:
-            landed = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-            mbarrier.init(landed.index(0), count=32 * LOADER_WARPS)
         for index in gl.static_range(4):
-            if MIRROR == 2 and index % 2 == 0:
-                mbarrier.init(full.index(index), count=1)           # the loader arrives once, after the mirror
-            else:
-                mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
+            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
         # Each solver's two iterate buffers are allocations of their own: Triton's barrier analysis tells
@@ -207,24 +211,27 @@ if GLUON:
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
-                            (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
-                            (_ws_loader, (ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                          SLOTS, COPY_ROWS, MIRROR))],
+        gl.warp_specialize([(_ws_solver, (0, ring, full, free, q_shared, k_shared, v_shared, iterate_0a, iterate_0b,
+                                          beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
+                                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, D, NUM_ITER, BLOCKS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
+                            (_ws_solver, (1, ring, full, free, q_shared, k_shared, v_shared, iterate_1a, iterate_1b,
+                                          beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
+                                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, D, NUM_ITER, BLOCKS,
+                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
+                            (_ws_loader, (ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr,
+                                          h_kk_ptr, h_kv_ptr, first, stride, count, NUM_HEADS, GROUP, D, SLOTS,
+                                          COPY_ROWS, MIRROR))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, landed, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+    def _ws_loader(ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr, h_kk_ptr, h_kv_ptr, first,
+                   stride, count, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
-        that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
+        once the solver has released that buffer's previous tile; item j's q, k and v rows are copied into
+        vector set j % VECTOR_SETS with its h_kk tile (and land with it). MIRROR: of h_kk only the 16-byte
+        chunks that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
@@ -232,19 +239,26 @@ if GLUON:
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         for j in range(count):
-            state = (first + j * stride).to(gl.int64) * (D * D)
-            if MIRROR == 2:      # the upper triangle; once it has landed, the rest from its mirror image here
-                _load_tile(ring, landed.index(0), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
-                           COPY_ROWS, True)
-                mbarrier.wait(landed.index(0), j & 1)
-                _mirror_square_in_blocks(ring.index(0))
-                gl.thread_barrier()
-                mbarrier.arrive(full.index(2 * (j % 2)))
-            else:
-                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                           SLOTS, COPY_ROWS, MIRROR == 1)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
-                       D, SLOTS, COPY_ROWS, False)
+            item = first + j * stride                   # item = b * H + h
+            state = item.to(gl.int64) * (D * D)
+            kv_row = _kv_row(item, NUM_HEADS, GROUP)
+            _wait_for_buffer(free, 2 * j, SLOTS)
+            vectors = j % SETS
+            _copy_row(q_shared.index(vectors), q_ptr + item * D, D)
+            _copy_row(k_shared.index(vectors), k_ptr + kv_row * D, D)
+            _copy_row(v_shared.index(vectors), v_ptr + kv_row * D, D)
+            _copy_tile(ring, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1)
+            async_copy.mbarrier_arrive(full.index(2 * (j % 2)), increment_count=False)
+            _wait_for_buffer(free, 2 * j + 1, SLOTS)
+            _copy_tile(ring, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends, D, SLOTS, COPY_ROWS, False)
+            async_copy.mbarrier_arrive(full.index(2 * (j % 2) + 1), increment_count=False)
+
+    @gluon.jit
+    def _copy_row(buffer, source, D: gl.constexpr):
+        """Start copying the D elements at ``source`` into ``buffer`` [D], 16 bytes per lane."""
+        VEC: gl.constexpr = 128 // source.dtype.element_ty.primitive_bitwidth
+        LAYOUT: gl.constexpr = gl.BlockedLayout([VEC], [32], [gl.num_warps()], [0])
+        async_copy.async_copy_global_to_shared(buffer, source + gl.arange(0, D, layout=LAYOUT))
 
     @gluon.jit
     def _mirror_square(buffer):
@@ -265,15 +279,6 @@ if GLUON:
         _store_piece(buffer, 2, 64, piece_3)
         _store_piece(buffer, 3, 0, piece_4)
         _store_piece(buffer, 3, 64, piece_5)
-
-    @gluon.jit
-    def _mirror_square_in_blocks(buffer):
-        """``_mirror_square`` in [32, 32] pieces, one at a time (fewer registers: the loader's warps). Slices
-        stay aligned to the ring's swizzle period (8 chunks = 32 columns)."""
-        for row_block in gl.static_range(4):
-            for col_block in gl.static_range(row_block + 1):
-                values = _mirror_piece(buffer, row_block, col_block * 32, 32, col_block == row_block)
-                _store_piece(buffer, row_block, col_block * 32, values)
 
     @gluon.jit
     def _mirror_piece(buffer, row_block: gl.constexpr, col_start: gl.constexpr, WIDTH: gl.constexpr,
@@ -312,13 +317,17 @@ if GLUON:
                 return 1 + j % 2, j // 2
 
     @gluon.jit
-    def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
-        """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
-        lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
-        are zero-filled, reading nothing)."""
+    def _wait_for_buffer(free, tile, SLOTS: gl.constexpr):
+        """Wait until the buffer of tile ``tile`` (``_slot``) is released by its previous tile's solver."""
         slot, use = _slot(tile, SLOTS)
-        mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
+        mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)
+
+    @gluon.jit
+    def _copy_tile(ring, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
+                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
+        """Start copying tile ``tile`` (at ``source``) into its buffer. UPPER: only the 16-byte chunks whose
+        last element is on or right of the diagonal (the others are zero-filled, reading nothing)."""
+        slot, _ = _slot(tile, SLOTS)
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
             if UPPER:
@@ -326,7 +335,6 @@ if GLUON:
                                                        mask=chunk_ends >= row)
             else:
                 async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
-        async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
@@ -344,13 +352,14 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                   g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
-                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                   NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
+    def _ws_solver(which: gl.constexpr, ring, full, free, q_shared, k_shared, v_shared, iterate_a, iterate_b,
+                   beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
+                   h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
+                   BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr, HAS_G_KK: gl.constexpr,
+                   LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring (S stays in its buffer until o is computed)."""
+        ring (S stays in its buffer until o is computed), q, k and v read from the loader's vector sets, each
+        item's scalars loaded during the previous item (no global load waits on the solver's path)."""
         RB: gl.constexpr = D // BLOCKS
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
@@ -359,47 +368,59 @@ if GLUON:
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
+        beta, g, g_kk, alpha = _item_scalars(first + gl.minimum(which, count - 1) * stride, beta_ptr, g_ptr,
+                                             g_kk_ptr, alpha_ptr, HAS_BETA, HAS_ALPHA, HAS_G_KK)
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
-            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
-                                                         HAS_BETA, HAS_G_KK)
-            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
-            k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-
+            state = item.to(gl.int64) * (D * D)
+            # The next item's scalars (this one's again after the last): they land during this item.
+            beta_next, g_next, g_kk_next, alpha_next = _item_scalars(
+                first + gl.minimum(j + 2, count - 1) * stride, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, HAS_BETA,
+                HAS_ALPHA, HAS_G_KK)
             h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
                            MIRROR).to(gl.float32)
+            q_row = q_shared.index(j % SETS)         # landed with h_kk's tile
+            k_row = k_shared.index(j % SETS)
+            q = q_row.load(COL).to(gl.float32)                                                      # [D]
+            k_rows = k_row.reshape([BLOCKS, RB]).load(ROW).to(gl.float32) * beta             # [BLOCKS, RB]
+            k_cols = k_row.load(COL).to(gl.float32) * beta                                         # [D]
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
-                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+                mixed = q + alpha * (x - q)
 
-            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
+            v_cols = v_shared.index(j % SETS).load(COL).to(gl.float32) * beta              # [D]
+            k_rows = k_row.reshape([BLOCKS, RB]).load(ROW).to(gl.float32) * beta   # again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
                            SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
+            beta, g, g_kk, alpha = beta_next, g_next, g_kk_next, alpha_next
 
     @gluon.jit
-    def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
-                      D: gl.constexpr, HAS_BETA: gl.constexpr, HAS_G_KK: gl.constexpr):
-        """(kv row, state offset, beta, g, g_kk) of item = b H + h (beta 1 and g_kk = g when absent)."""
-        head = item % NUM_HEADS
-        kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
-        state = item.to(gl.int64) * (D * D)
-        beta = 1.0
+    def _kv_row(item, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr):
+        """Row of k and v ([B Hkv, D]) that item = b H + h reads: kv head h // GROUP of batch b."""
+        return (item // NUM_HEADS) * (NUM_HEADS // GROUP) + (item % NUM_HEADS) // GROUP
+
+    @gluon.jit
+    def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
+                      HAS_G_KK: gl.constexpr):
+        """(beta, g, g_kk, alpha) of item = b H + h in float32 (beta 1, g_kk = g, alpha 0 when absent)."""
+        g = gl.load(g_ptr + item).to(gl.float32)
+        beta = gl.to_tensor(1.0)
         if HAS_BETA:
             beta = gl.load(beta_ptr + item).to(gl.float32)
-        g = gl.load(g_ptr + item).to(gl.float32)
         g_kk = g
         if HAS_G_KK:
             g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
-        return kv_row, state, beta, g, g_kk
+        alpha = gl.to_tensor(0.0)
+        if HAS_ALPHA:
+            alpha = gl.load(alpha_ptr + item).to(gl.float32)
+        return beta, g, g_kk, alpha
 
     @gluon.jit
     def _decay_add_outer(state, decay, rows, cols):
@@ -533,9 +554,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (``LANES``: columns per thread, default ``DEFAULT_LANES``);
     - ``maxnreg`` (the "item" form's register cap per thread; default ``DEFAULT_MAXNREG``; 0 for none);
     - ``mirror`` (pipelined form, 3 slots, fp32 states; default ``default_mirror``): read only h_kk's upper triangle
-      (16-byte chunks on or right of the diagonal) and mirror the rest in shared memory, by the solver
-      (True or "solver") or by the loader ("loader"; not yet measured on a GPU). It relies on h_kk being
-      symmetric, as every state this package writes is (the kernel then writes h_kk' exactly symmetric).
+      (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
+      memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
+      writes h_kk' exactly symmetric).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -569,9 +590,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
         mirror = default_mirror(form, slots, fp32_states, int(num_iter))
-    mirror = "solver" if mirror is True else mirror or None
-    if mirror is not None and mirror not in MIRRORS:
-        raise ValueError(f"mirror={mirror!r} is not a bool or one of {MIRRORS}")
+    if not isinstance(mirror, (bool, np.bool_)):
+        raise ValueError(f"mirror={mirror!r} is not a bool")
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
         raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3 "
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
@@ -583,8 +603,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if form == "pipelined":
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
-                      LOADER_REGS=MIRROR_LOADER_REGS[mirror] if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=0 if mirror is None else 1 + MIRRORS.index(mirror))
+                      LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
+                      MIRROR=int(mirror))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
