@@ -6,8 +6,8 @@ written in the traced kernel). Marks per item j of a program (a row of the trace
 
 - solver: 0 before waiting for h_kk's tile, 1 h_kk in registers, 2 h_kk' stored (issued), 3 solve done,
   4 h_kv in registers, 5 item done;
-- loader: 8 before the h_kk copies of its turn j (item j + 1's with 2 h_kk buffers; it first waits for the
-  buffer's release), 9 those issued, 10 item j's h_kv copies issued.
+- loader: 8 before h_kk's copies (it first waits for the buffer's release), 9 h_kk's copies issued,
+  10 h_kv's copies issued.
 
 It prints, per case, the mean per item of the solver's stages in microseconds (cycles over the SM clock, from
 the kernel's GPU time) and how much of the program's time both solvers spent in their solves at once; the raw
@@ -43,18 +43,17 @@ CLOCK = '''    @gluon.jit
 
 '''.replace("ROWS", str(ROWS)).replace("MARKS", str(MARKS))
 
-SOLVER_TAKE = ("            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS, "
-               "KK_BUFFERS,\n")
+SOLVER_TAKE = "            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n"
 DECAY = "            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'\n"
 X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))\n"
 OUTPUT = "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
 ITEM_END = "            gl.thread_barrier()                            # the iterate buffers are reused by the next item\n"
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
 LOADER_ARGS = "(_ws_loader, (ring, full, free,"
-LOADER_FIRST = "            if j + AHEAD < count:\n"
-LOADER_KV = "            _wait_for_buffer(free, 2 * j + 1, SLOTS, KK_BUFFERS)\n"
-LOADER_KV_END = "            async_copy.mbarrier_arrive(full.index(2 * (j % 2) + 1), increment_count=False)\n"
-SOLVER_X = "o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, D, NUM_ITER,"
+LOADER_FIRST = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
+LOADER_KV = "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,"
+LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False)\n"
+SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"
 KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
                "                          NUM_HEADS")
 CALL = "    o, x, h_kk, h_kv = triton_call("

@@ -14,8 +14,6 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
-- "2 h_kk buffers" (also "mirror with 2 h_kk buffers"): ``h_kk_buffers=2`` as the default (item j's h_kk in
-  buffer j % 2, copied an item ahead, and every h_kv in buffer 2);
 - "default@PATH" / "mirror@PATH": the kernel source at PATH (e.g. an earlier commit's gluon_decode.py, for an
   A/B in one run), as is or with the mirror at every num_iter;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
@@ -43,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)\n"
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
-LOADER_LOOP = "        for j in range(count):\n            if j + AHEAD < count:\n"
+LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
 PREFETCH = '''    @gluon.jit
     def _prefetch_l2(source):
         """L2 prefetch of a [128, 128] fp32 tile by one warp: 2 KiB a lane."""
@@ -64,7 +62,7 @@ def edit_last(text: str, old: str, new: str) -> str:
 
 def prefetching(text: str, distance: int) -> str:
     assert LOADER_LOOP in text
-    loop = LOADER_LOOP.split("            if")[0] + (f"            if j + {distance} < count:\n"
+    loop = LOADER_LOOP + (f"            if j + {distance} < count:\n"
                           f"                ahead = (first + (j + {distance}) * stride).to(gl.int64) * (D * D)\n"
                           "                _prefetch_l2(h_kk_ptr + ahead)\n"
                           "                _prefetch_l2(h_kv_ptr + ahead)\n")
@@ -103,9 +101,6 @@ UPPER_STORE = ("gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.
                "mask=gl.expand_dims(gl.expand_dims(cols // 4, 0), 0) >= gl.expand_dims(rows // 4, 2))")
 
 
-SLOTS_KK = ("DEFAULT_H_KK_BUFFERS = 1 ", "DEFAULT_H_KK_BUFFERS = 2 ")
-
-
 def upper_store(text: str) -> str:
     return edit_last(text, H_KK_STORE, H_KK_STORE.replace(*UPPER_STORE))
 
@@ -137,9 +132,6 @@ def variants(text: str) -> dict:
     found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
     found["mirror with an upper h_kk' store"] = upper_store(found["mirror"])
-    assert SLOTS_KK[0] in text
-    found["2 h_kk buffers"] = text.replace(*SLOTS_KK)
-    found["mirror with 2 h_kk buffers"] = found["mirror"].replace(*SLOTS_KK)
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

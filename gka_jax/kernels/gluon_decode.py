@@ -72,17 +72,12 @@ DEFAULT_SLOTS = 3          # pipelined form: [D, D] fp32 buffers in shared memor
 DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
-DEFAULT_H_KK_BUFFERS = 1   # pipelined form, 3 slots: h_kk buffers (``_slot``; 2: the loader runs h_kk an item ahead)
-H_KK_BUFFERS = (1, 2)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
-VECTOR_SETS = 4            # pipelined form: items whose q, k, v rows the loader has copied to shared memory
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
-
-    SETS = gl.constexpr(VECTOR_SETS)   # (a kernel reads module globals as constexprs only)
 
     @gluon.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
@@ -121,9 +116,8 @@ if GLUON:
         iterate_b = gl.allocate_shared_memory(gl.float32, [D], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
         for item in range(first, num_items, stride):         # item = b * H + h
-            kv_row, state = _kv_row(item, NUM_HEADS, GROUP), item.to(gl.int64) * (D * D)
-            beta, g, g_kk, alpha = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, HAS_BETA, HAS_ALPHA,
-                                                 HAS_G_KK)
+            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
+                                                         HAS_BETA, HAS_G_KK)
 
             # H = exp(g_kk) H + k k^T, written back at once.
             h = gl.load(h_kk_ptr + state + square).to(gl.float32)                            # [BLOCKS, RB, D]
@@ -137,7 +131,7 @@ if GLUON:
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
-                mixed = q + alpha * (x - q)
+                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
             # S = exp(g) S + k v^T and o = scale S^T q', from the copy of S in shared memory.
             async_copy.wait_group(0)
@@ -157,7 +151,7 @@ if GLUON:
                           o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                          HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr,
+                          HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                           LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
@@ -176,11 +170,6 @@ if GLUON:
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
 
-        With h_kk's tile the loader also copies item j's rows of q, k and v into vector set j % 4 (``VECTOR_SETS``;
-        set j % 4 is reused by item j + 4, whose h_kk tile is copied after item j + 2's was taken, which its
-        solver does once item j is done), so that the solvers read them from shared memory rather than wait on
-        global loads in each item; the item's scalars (beta, g, g_kk, alpha) are loaded one item ahead.
-
         MIRROR (fp32 states): the loader copies only h_kk's upper triangle; the solver that takes the tile
         first writes the rest from its mirror image. (The loader warp mirroring each tile once its copies land
         made the step slower, 98 against 88 us at B = 32, num_iter 30, as did a partition of its own for the
@@ -193,10 +182,6 @@ if GLUON:
         else:
             RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         ring = gl.allocate_shared_memory(h_kk_ptr.dtype.element_ty, [SLOTS, D, D], RING)
-        VECTORS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])     # (a layout of each set)
-        q_shared = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [SETS, D], VECTORS)
-        k_shared = gl.allocate_shared_memory(k_ptr.dtype.element_ty, [SETS, D], VECTORS)
-        v_shared = gl.allocate_shared_memory(v_ptr.dtype.element_ty, [SETS, D], VECTORS)
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
@@ -213,71 +198,36 @@ if GLUON:
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        gl.warp_specialize([(_ws_solver, (0, ring, full, free, q_shared, k_shared, v_shared, iterate_0a, iterate_0b,
-                                          beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
-                                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, KK_BUFFERS, MIRROR)),
-                            (_ws_solver, (1, ring, full, free, q_shared, k_shared, v_shared, iterate_1a, iterate_1b,
-                                          beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count,
-                                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, D, NUM_ITER, BLOCKS,
-                                          HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, KK_BUFFERS, MIRROR)),
-                            (_ws_loader, (ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr,
-                                          h_kk_ptr, h_kv_ptr, first, stride, count, NUM_HEADS, GROUP, D, SLOTS, KK_BUFFERS,
-                                          COPY_ROWS, MIRROR))],
+        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
+                            (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
+                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
+                                          SLOTS, COPY_ROWS, MIRROR))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
-    def _ws_loader(ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr, h_kk_ptr, h_kv_ptr, first,
-                   stride, count, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                   SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
+    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile; item j's q, k and v rows are copied into
-        vector set j % VECTOR_SETS with its h_kk tile (and land with it). MIRROR: of h_kk only the 16-byte
-        chunks that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
+        once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
+        that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
-        AHEAD: gl.constexpr = KK_BUFFERS - 1      # h_kk tiles copied ahead of the h_kv tiles, in items
-        for j in gl.static_range(AHEAD):
-            if j < count:
-                _load_h_kk(ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr, h_kk_ptr, first,
-                           stride, j, offsets, chunk_ends, NUM_HEADS, GROUP, D, SLOTS, KK_BUFFERS, COPY_ROWS, MIRROR)
         for j in range(count):
-            if j + AHEAD < count:
-                _load_h_kk(ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr, h_kk_ptr, first,
-                           stride, j + AHEAD, offsets, chunk_ends, NUM_HEADS, GROUP, D, SLOTS, KK_BUFFERS, COPY_ROWS,
-                           MIRROR)
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _wait_for_buffer(free, 2 * j + 1, SLOTS, KK_BUFFERS)
-            _copy_tile(ring, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends, D, SLOTS, KK_BUFFERS, COPY_ROWS,
-                       False)
-            async_copy.mbarrier_arrive(full.index(2 * (j % 2) + 1), increment_count=False)
-
-    @gluon.jit
-    def _load_h_kk(ring, full, free, q_shared, k_shared, v_shared, q_ptr, k_ptr, v_ptr, h_kk_ptr, first, stride, j,
-                   offsets, chunk_ends, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                   SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
-        """Item j's h_kk tile and its q, k, v rows (vector set j % VECTOR_SETS), once h_kk's buffer is free."""
-        item = first + j * stride                   # item = b * H + h
-        kv_row = _kv_row(item, NUM_HEADS, GROUP)
-        _wait_for_buffer(free, 2 * j, SLOTS, KK_BUFFERS)
-        vectors = j % SETS
-        _copy_row(q_shared.index(vectors), q_ptr + item * D, D)
-        _copy_row(k_shared.index(vectors), k_ptr + kv_row * D, D)
-        _copy_row(v_shared.index(vectors), v_ptr + kv_row * D, D)
-        _copy_tile(ring, 2 * j, h_kk_ptr + item.to(gl.int64) * (D * D), offsets, chunk_ends, D, SLOTS, KK_BUFFERS,
-                   COPY_ROWS, MIRROR == 1)
-        async_copy.mbarrier_arrive(full.index(2 * (j % 2)), increment_count=False)
-
-    @gluon.jit
-    def _copy_row(buffer, source, D: gl.constexpr):
-        """Start copying the D elements at ``source`` into ``buffer`` [D], 16 bytes per lane."""
-        VEC: gl.constexpr = 128 // source.dtype.element_ty.primitive_bitwidth
-        LAYOUT: gl.constexpr = gl.BlockedLayout([VEC], [32], [gl.num_warps()], [0])
-        async_copy.async_copy_global_to_shared(buffer, source + gl.arange(0, D, layout=LAYOUT))
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
+                       COPY_ROWS, MIRROR == 1)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
+                       D, SLOTS, COPY_ROWS, False)
 
     @gluon.jit
     def _mirror_square(buffer):
@@ -321,39 +271,28 @@ if GLUON:
         buffer.slice(row_block * 32, 32, 0).slice(col_start, values.shape[1], 1).store(values)
 
     @gluon.jit
-    def _slot(tile, SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr):
+    def _slot(tile, SLOTS: gl.constexpr):
         """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
-        t // 2. Three, KK_BUFFERS = 1: h_kk always in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer
-        per solver, so that a solver's next h_kv can load during its own solve (84 against 88 us for two
-        buffers at B = 32, num_iter 30 on an H200, docs/benchmarks.md). Three, KK_BUFFERS = 2: item j's h_kk
-        in buffer j % 2 and every h_kv in buffer 2, so that the next item's h_kk can land before this one's
-        is taken."""
-        j = tile // 2
+        t // 2. Three: h_kk always in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so
+        that a solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32,
+        num_iter 30 on an H200, docs/benchmarks.md)."""
         if SLOTS == 2:
-            return tile % 2, j
-        elif KK_BUFFERS == 1:
+            return tile % 2, tile // 2
+        else:
+            j = tile // 2
             if tile % 2 == 0:
                 return 0, j
             else:
                 return 1 + j % 2, j // 2
-        else:
-            if tile % 2 == 0:
-                return j % 2, j // 2
-            else:
-                return 2, j
 
     @gluon.jit
-    def _wait_for_buffer(free, tile, SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr):
-        """Wait until the buffer of tile ``tile`` (``_slot``) is released by its previous tile's solver."""
-        slot, use = _slot(tile, SLOTS, KK_BUFFERS)
-        mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)
-
-    @gluon.jit
-    def _copy_tile(ring, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr,
+    def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
                    COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
-        """Start copying tile ``tile`` (at ``source``) into its buffer. UPPER: only the 16-byte chunks whose
-        last element is on or right of the diagonal (the others are zero-filled, reading nothing)."""
-        slot, _ = _slot(tile, SLOTS, KK_BUFFERS)
+        """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
+        lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
+        are zero-filled, reading nothing)."""
+        slot, use = _slot(tile, SLOTS)
+        mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
             if UPPER:
@@ -361,13 +300,14 @@ if GLUON:
                                                        mask=chunk_ends >= row)
             else:
                 async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
+        async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr, MIRROR: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
         release its buffer; MIRROR: the buffer holds the upper triangle, mirrored first."""
-        slot, _ = _slot(tile, SLOTS, KK_BUFFERS)
+        slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
         if MIRROR == 1:
             _mirror_square(ring.index(slot))
@@ -378,14 +318,13 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, ring, full, free, q_shared, k_shared, v_shared, iterate_a, iterate_b,
-                   beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr,
-                   h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
-                   BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr, HAS_G_KK: gl.constexpr,
-                   LANES: gl.constexpr, SLOTS: gl.constexpr, KK_BUFFERS: gl.constexpr, MIRROR: gl.constexpr):
+    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, q_ptr, k_ptr, v_ptr, beta_ptr,
+                   g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
+                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                   NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring (S stays in its buffer until o is computed), q, k and v read from the loader's vector sets, each
-        item's scalars loaded during the previous item (no global load waits on the solver's path)."""
+        ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
@@ -394,59 +333,47 @@ if GLUON:
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
-        beta, g, g_kk, alpha = _item_scalars(first + gl.minimum(which, count - 1) * stride, beta_ptr, g_ptr,
-                                             g_kk_ptr, alpha_ptr, HAS_BETA, HAS_ALPHA, HAS_G_KK)
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
-            state = item.to(gl.int64) * (D * D)
-            # The next item's scalars (this one's again after the last): they land during this item.
-            beta_next, g_next, g_kk_next, alpha_next = _item_scalars(
-                first + gl.minimum(j + 2, count - 1) * stride, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, HAS_BETA,
-                HAS_ALPHA, HAS_G_KK)
-            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS, KK_BUFFERS,
+            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
+                                                         HAS_BETA, HAS_G_KK)
+            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
+            k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+
+            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
                            MIRROR).to(gl.float32)
-            q_row = q_shared.index(j % SETS)         # landed with h_kk's tile
-            k_row = k_shared.index(j % SETS)
-            q = q_row.load(COL).to(gl.float32)                                                      # [D]
-            k_rows = k_row.reshape([BLOCKS, RB]).load(ROW).to(gl.float32) * beta             # [BLOCKS, RB]
-            k_cols = k_row.load(COL).to(gl.float32) * beta                                         # [D]
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
-                mixed = q + alpha * (x - q)
+                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
-            v_cols = v_shared.index(j % SETS).load(COL).to(gl.float32) * beta              # [D]
-            k_rows = k_row.reshape([BLOCKS, RB]).load(ROW).to(gl.float32) * beta   # again: not held in the solve
+            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS, KK_BUFFERS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
+                           SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
-            beta, g, g_kk, alpha = beta_next, g_next, g_kk_next, alpha_next
 
     @gluon.jit
-    def _kv_row(item, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr):
-        """Row of k and v ([B Hkv, D]) that item = b H + h reads: kv head h // GROUP of batch b."""
-        return (item // NUM_HEADS) * (NUM_HEADS // GROUP) + (item % NUM_HEADS) // GROUP
-
-    @gluon.jit
-    def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                      HAS_G_KK: gl.constexpr):
-        """(beta, g, g_kk, alpha) of item = b H + h in float32 (beta 1, g_kk = g, alpha 0 when absent)."""
-        g = gl.load(g_ptr + item).to(gl.float32)
-        beta = gl.to_tensor(1.0)
+    def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                      D: gl.constexpr, HAS_BETA: gl.constexpr, HAS_G_KK: gl.constexpr):
+        """(kv row, state offset, beta, g, g_kk) of item = b H + h (beta 1 and g_kk = g when absent)."""
+        head = item % NUM_HEADS
+        kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
+        state = item.to(gl.int64) * (D * D)
+        beta = 1.0
         if HAS_BETA:
             beta = gl.load(beta_ptr + item).to(gl.float32)
+        g = gl.load(g_ptr + item).to(gl.float32)
         g_kk = g
         if HAS_G_KK:
             g_kk = gl.load(g_kk_ptr + item).to(gl.float32)
-        alpha = gl.to_tensor(0.0)
-        if HAS_ALPHA:
-            alpha = gl.load(alpha_ptr + item).to(gl.float32)
-        return beta, g, g_kk, alpha
+        return kv_row, state, beta, g, g_kk
 
     @gluon.jit
     def _decay_add_outer(state, decay, rows, cols):
@@ -564,7 +491,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None, h_kk_buffers=None) -> GKAResult:
+               loader_warps=None, mirror=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -583,9 +510,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
       memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
       writes h_kk' exactly symmetric).
-    - ``h_kk_buffers`` (pipelined form, 3 slots; ``H_KK_BUFFERS``, default ``DEFAULT_H_KK_BUFFERS``): 1, h_kk
-      in one buffer and h_kv in one per solver; 2, h_kk in two buffers (the loader copies it an item ahead)
-      and h_kv in one.
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -624,11 +548,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
         raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3 "
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
-    h_kk_buffers = h_kk_buffers or DEFAULT_H_KK_BUFFERS
-    if h_kk_buffers not in H_KK_BUFFERS:
-        raise ValueError(f"h_kk_buffers={h_kk_buffers} is not one of {H_KK_BUFFERS}")
-    if h_kk_buffers == 2 and (form != "pipelined" or slots != 3):
-        raise ValueError(f"h_kk_buffers=2 needs the pipelined form with slots=3; got form={form!r}, slots={slots}")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
@@ -636,7 +555,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, KK_BUFFERS=h_kk_buffers, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
                       MIRROR=int(mirror))
     else:
