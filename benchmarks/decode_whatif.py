@@ -14,7 +14,6 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
-- "8 solver warps" (also "mirror with 8 solver warps"): ``solver_warps=8`` as the default;
 - "default@PATH" / "mirror@PATH": the kernel source at PATH (e.g. an earlier commit's gluon_decode.py, for an
   A/B in one run), as is or with the mirror at every num_iter;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
@@ -102,9 +101,6 @@ UPPER_STORE = ("gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.
                "mask=gl.expand_dims(gl.expand_dims(cols // 4, 0), 0) >= gl.expand_dims(rows // 4, 2))")
 
 
-EIGHT_WARPS = ("DEFAULT_SOLVER_WARPS = 4 ", "DEFAULT_SOLVER_WARPS = 8 ")
-
-
 def upper_store(text: str) -> str:
     return edit_last(text, H_KK_STORE, H_KK_STORE.replace(*UPPER_STORE))
 
@@ -136,9 +132,6 @@ def variants(text: str) -> dict:
     found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
     found["mirror with an upper h_kk' store"] = upper_store(found["mirror"])
-    assert EIGHT_WARPS[0] in text
-    found["8 solver warps"] = text.replace(*EIGHT_WARPS)
-    found["mirror with 8 solver warps"] = found["mirror"].replace(*EIGHT_WARPS)
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

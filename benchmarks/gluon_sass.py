@@ -52,7 +52,7 @@ KERNELS = {
         signature=DECODE_SIGNATURE,
         constants=dict(DECODE_CONSTANTS, BLOCKS=gluon_decode.PIPELINED_BLOCKS, SLOTS=gluon_decode.DEFAULT_SLOTS,
                        COPY_ROWS=8,
-                       SOLVER_REGS=gluon_decode.SOLVER_REGS[gluon_decode.DEFAULT_SOLVER_WARPS], LOADER_REGS=gluon_decode.LOADER_REGS,
+                       SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS, MIRROR=0),
         warps=lambda d: d // 32),
 }

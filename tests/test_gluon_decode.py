@@ -65,21 +65,18 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-@pytest.mark.parametrize("b, slots, loader_warps, solver_warps", [
-    (1, 2, 1, 4), (33, 2, 4, 4), (67, 3, 1, 4), (301, 2, 1, 4), (301, 3, 4, 4), (134, 2, 4, 4), (1, 3, 1, 4),
-    (33, 3, 1, 4), (301, 3, 1, 4), (1, 3, 1, 8), (33, 3, 1, 8), (67, 2, 4, 8), (301, 3, 1, 8)])
-def test_pipelined_form_item_counts(b, slots, loader_warps, solver_warps):
+@pytest.mark.parametrize("b, slots, loader_warps", [(1, 2, 1), (33, 2, 4), (67, 3, 1), (301, 2, 1), (301, 3, 4),
+                                                     (134, 2, 4), (1, 3, 1), (33, 3, 1), (301, 3, 1)])
+def test_pipelined_form_item_counts(b, slots, loader_warps):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
-    each solver gets none, one or several items and the buffer ring turns over many times; solver partitions
-    of 4 and 8 warps."""
+    each solver gets none, one or several items and the buffer ring turns over many times."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, solver_warps=solver_warps)
+    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
-@pytest.mark.parametrize("solver_warps", [4, 8])
 @pytest.mark.parametrize("b, num_iter", [(1, 30), (33, 10), (301, 30), (67, 0)])
-def test_mirror_reads_only_the_upper_triangle(b, num_iter, solver_warps):
+def test_mirror_reads_only_the_upper_triangle(b, num_iter):
     """mirror: h_kk's 16-byte chunks left of the diagonal are never read (here NaN), they are rebuilt from
     their mirror images; the step and the written h_kk' equal the reference's
     on the symmetric state. 1 to 10 items per program (H = 4)."""
@@ -88,7 +85,7 @@ def test_mirror_reads_only_the_upper_triangle(b, num_iter, solver_warps):
     chunk = np.arange(128) // 4
     below = chunk[None, :] < chunk[:, None]                                  # [D, D]
     corrupted = dict(args, h_kk=np.where(below, np.nan, args["h_kk"]).astype(np.float32))
-    got = run_gluon(corrupted, num_iter, form="pipelined", mirror=True, solver_warps=solver_warps)
+    got = run_gluon(corrupted, num_iter, form="pipelined", mirror=True)
     assert_close(got, want, 1e-5)
 
 
@@ -107,10 +104,6 @@ def test_pipelined_options_are_checked():
         run_gluon(bf16_states, 10, form="pipelined", mirror=True)
     with pytest.raises(ValueError, match="mirror='both' is not a bool"):
         run_gluon(args, 10, form="pipelined", mirror="both")
-    with pytest.raises(ValueError, match="solver_warps=2 is not one of"):
-        run_gluon(args, 10, form="pipelined", solver_warps=2)
-    with pytest.raises(ValueError, match="solver_warps=8 needs the pipelined form"):
-        run_gluon(args, 10, form="item", solver_warps=8)
 
 
 def test_zero_state_first_token():

@@ -73,9 +73,7 @@ DEFAULT_LOADER_WARPS = 1   # pipelined form: warps issuing the copies
 LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
-LOADER_REGS = 40           # pipelined form: registers per thread of the loader
-DEFAULT_SOLVER_WARPS = 4   # pipelined form: warps of each solver partition (4: H in 128 registers per thread)
-SOLVER_REGS = {4: 192, 8: 112}   # pipelined form: registers per thread of the second solver, by its warps
+SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -493,7 +491,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None, solver_warps=None) -> GKAResult:
+               loader_warps=None, mirror=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -512,9 +510,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
       memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
       writes h_kk' exactly symmetric).
-    - ``solver_warps`` (pipelined form; ``SOLVER_REGS``' keys, default ``DEFAULT_SOLVER_WARPS``): warps of each
-      solver partition (8: a thread holds half as much of H, 16 rows instead of 32, and a product ends in 3
-      shuffle rounds instead of 2).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -555,17 +550,12 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
-    solver_warps = solver_warps or DEFAULT_SOLVER_WARPS
-    if solver_warps not in SOLVER_REGS:
-        raise ValueError(f"solver_warps={solver_warps} is not one of {tuple(SOLVER_REGS)}")
-    if solver_warps != DEFAULT_SOLVER_WARPS and form != "pipelined":
-        raise ValueError(f"solver_warps={solver_warps} needs the pipelined form (the item form runs D / 32 warps)")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
     if form == "pipelined":
         kernel = _decode_ws_kernel
-        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS[solver_warps],
+        tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
                       MIRROR=int(mirror))
     else:
@@ -580,7 +570,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                    jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
                    jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],
         grid=(programs,),
-        num_warps=solver_warps if form == "pipelined" else d // 32,   # each solver partition has as many
+        num_warps=d // 32,          # the pipelined form's solver partitions have as many
         input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)
         name="gka_gluon_decode",
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], D=d, NUM_ITER=int(num_iter), BLOCKS=blocks,
