@@ -139,17 +139,22 @@ def test_model_through_pallas_kernels_matches_goldens(tiny):
 
 
 def test_decode_kernel_choice():
-    """On a GPU the decode runs the Gluon kernel where it is installed and covers the shapes, else Pallas."""
+    """On a GPU the decode runs the Gluon kernel where it is installed, covers the shapes and has an item
+    (b, h) for every SM (or is asked for by its options), else Pallas."""
     def arrays(d, dv=None):
         dv = dv or d
         return (np.zeros((2, 8, d)), np.zeros((2, 2, d)), np.zeros((2, 2, dv)), np.zeros((2, 8, d, d)),
                 np.zeros((2, 8, d, dv)))
 
-    assert kernels.decode_kernel(*arrays(128), gluon_available=True) == "gluon"
+    assert kernels.decode_kernel(*arrays(128), gluon_available=True, multiprocessors=16) == "gluon"  # 16 items
+    assert kernels.decode_kernel(*arrays(128), gluon_available=True, multiprocessors=132) == "pallas"
+    assert kernels.decode_kernel(*arrays(128), gluon_available=True, multiprocessors=132,
+                                 options={"form": "item"}) == "gluon"
     assert kernels.decode_kernel(*arrays(128), gluon_available=False) == "pallas"
-    assert kernels.decode_kernel(*arrays(16), gluon_available=True) == "pallas"        # D < 32
-    assert kernels.decode_kernel(*arrays(64, 128), gluon_available=True) == "pallas"   # D != Dv
-    assert kernels.decode_kernel(*arrays(128), gluon_available=True, options={"split": False}) == "pallas"
+    assert kernels.decode_kernel(*arrays(16), gluon_available=True, multiprocessors=16) == "pallas"  # D < 32
+    assert kernels.decode_kernel(*arrays(64, 128), gluon_available=True, multiprocessors=16) == "pallas"  # D != Dv
+    assert kernels.decode_kernel(*arrays(128), gluon_available=True, options={"split": False},
+                                 multiprocessors=16) == "pallas"
     assert kernels.decode_kernel(*arrays(128), kernel="pallas", gluon_available=True) == "pallas"
     with pytest.raises(ValueError, match="covers D = Dv in"):
         kernels.decode_kernel(*arrays(16), kernel="gluon", gluon_available=True)

@@ -36,10 +36,15 @@ _PALLAS_DECODE_OPTIONS = {"split", "matvec", "num_warps", "value_num_warps", "va
 _GLUON_DECODE_OPTIONS = {"form", "blocks", "lanes", "maxnreg", "slots", "loader_warps", "mirror"}
 
 
-def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluon_available=None) -> str:
+def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluon_available=None,
+                  multiprocessors=None) -> str:
     """Which GPU decode kernel runs: ``kernel`` if not "auto"; else "gluon" (one fused Gluon kernel, faster
-    on an H200: docs/kernels.md) when jax-triton and Gluon are installed, the shapes are covered and no
-    Pallas-only ``options`` are given; else "pallas"."""
+    on an H200: docs/kernels.md) when jax-triton and Gluon are installed, the shapes are covered, no
+    Pallas-only ``options`` are given and the step has at least one item (b, h) per SM (``multiprocessors``,
+    default the GPU's) or Gluon-only ``options`` ask for it; else "pallas". With fewer items than SMs the
+    Pallas split kernels measured faster and steadier on an H200 (B=1, H=32: 9.5 against 19-24 us at
+    num_iter 10, 16 against 16-27 us at 30, docs/benchmarks.md), where the Gluon kernel's one program per
+    item has nothing to overlap."""
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"decode kernel {kernel!r} is not one of {DECODE_KERNELS}")
     available = gluon_decode.AVAILABLE if gluon_available is None else gluon_available
@@ -48,7 +53,11 @@ def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluo
         raise ValueError("the Gluon decode kernel " + ("needs jax-triton and triton with Gluon" if not available
                          else f"covers D = Dv in {gluon_decode.HEAD_DIMS}; got q {q.shape}, v {v.shape}"))
     if kernel == "auto":
-        kernel = "gluon" if available and covered and not set(options) & _PALLAS_DECODE_OPTIONS else "pallas"
+        items = q.shape[0] * q.shape[1]
+        asked = set(options) & _GLUON_DECODE_OPTIONS
+        enough = items >= (multiprocessors or gluon_decode._multiprocessors()) or asked
+        kernel = ("gluon" if available and covered and enough and not set(options) & _PALLAS_DECODE_OPTIONS
+                  else "pallas")
     return kernel
 
 
