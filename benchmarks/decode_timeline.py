@@ -94,14 +94,15 @@ def traced(text: str) -> str:
 
 def summarize(marks: np.ndarray, counts: np.ndarray, cycles_per_us: float) -> dict:
     """Mean per item (us) of the solver's stages, over the programs' items; marks [P, ROWS, MARKS] (cycles,
-    wrapped to each program's first mark), counts [P] items per program."""
+    relative to each program's first mark, signed), counts [P] items per program."""
     stages = {"wait h_kk": (0, 1), "decay + h_kk' store": (1, 2), "solve": (2, 3), "wait h_kv + take": (3, 4),
-              "output + h_kv' store": (4, 5)}
+              "output + h_kv' store": (4, 5),   # the loader's (h_kk through the ring only):
+              "loader: h_kk wait + issue": (8, 9), "loader: h_kv wait + issue": (9, 10)}
     found = {name: [] for name in stages}
     found["solver idle between items"], both, spans, first_take = [], [], [], []
     for program, count in enumerate(counts):
         m = marks[program, :count].astype(np.int64)
-        m = (m - m[0, 0]) % (1 << 32)                     # cycles since the program's first mark
+        m = (m - m[0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)   # cycles from the first mark (32-bit clock)
         for name, (a, b) in stages.items():
             found[name] += list(m[:, b] - m[:, a])
         for which in (0, 1):
