@@ -47,11 +47,13 @@ SOLVER_TAKE = "            if KK_GLOBAL:\n                h = gl.load(h_kk_ptr +
 DECAY = "            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'\n"
 X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))\n"
 OUTPUT = "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
-ITEM_END = "            gl.thread_barrier()                            # the iterate buffers are reused by the next item\n"
+ITEM_END = ("            gl.thread_barrier()                            "
+            "# the iterate buffers are reused by the next item\n")
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
 LOADER_ARGS = "(_ws_loader, (ring, full, free,"
 LOADER_FIRST = "            if KK_GLOBAL:\n                if PREFETCH > 0:\n"
-LOADER_KV = "                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets,\n"
+LOADER_KV = ("                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, "
+             "offsets,\n")
 LOADER_KV_END = "                           chunk_ends, D, SLOTS, COPY_ROWS, False, False)\n"
 SOLVER_X = "x_ptr, h_kk_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D,"
 KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
