@@ -21,10 +21,8 @@ Needs a Hopper GPU and jax-triton (as the pipelined form).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -130,21 +128,16 @@ def main():
     from kernels import RIDGE, SCALE, decode_states, make_inputs, time_decode_loop, to_jax
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="default", help="comma-separated decode_whatif variant names")
+    parser.add_argument("--variants", default="default", help="comma-separated decode_whatif variant names "
+                        "(\"default@PATH\" too)")
     parser.add_argument("--batches", default="32")
     parser.add_argument("--num-iter", default="30")
     parser.add_argument("--clock-mhz", type=float, default=1980.0, help="SM clock to convert cycles (H200 boost)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    sources = decode_whatif.variants(decode_whatif.kernel_source())
-    folder = tempfile.mkdtemp()
-    sys.path.insert(0, folder)
-    modules, plain = {}, {}
-    for number, name in enumerate(args.variants.split(",")):
-        for kind, text, store in (("trace", traced(sources[name]), modules), ("plain", sources[name], plain)):
-            with open(os.path.join(folder, f"decode_timeline_{kind}_{number}.py"), "w") as f:
-                f.write(text)
-            store[name] = importlib.import_module(f"decode_timeline_{kind}_{number}")
+    sources = decode_whatif.choose(args.variants.split(","))          # names as decode_whatif's, PATH ones too
+    modules = decode_whatif.import_sources({name: traced(text) for name, text in sources.items()}, "timeline_trace")
+    plain = decode_whatif.import_sources(sources, "timeline_plain")
     rows, saved = [], {}
     for b in map(int, args.batches.split(",")):
         x = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)

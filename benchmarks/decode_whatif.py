@@ -175,6 +175,18 @@ def choose(names: list) -> dict:
     return chosen
 
 
+def import_sources(sources: dict, prefix: str) -> dict:
+    """{name: module} of kernel sources {name: text}, each written to a temporary folder and imported."""
+    folder = tempfile.mkdtemp()
+    sys.path.insert(0, folder)
+    modules = {}
+    for number, (name, source) in enumerate(sources.items()):
+        with open(os.path.join(folder, f"{prefix}_{number}.py"), "w") as f:
+            f.write(source)
+        modules[name] = importlib.import_module(f"{prefix}_{number}")
+    return modules
+
+
 def main():
     import jax.numpy as jnp
     from kernels import RIDGE, SCALE, decode_states, make_inputs, time_decode_loop, to_jax
@@ -186,13 +198,7 @@ def main():
     args = parser.parse_args()
     assert not any("," in name for name in variants(kernel_source()))
     chosen = choose(args.variants.split(",")) if args.variants else variants(kernel_source())
-    folder = tempfile.mkdtemp()
-    sys.path.insert(0, folder)
-    modules = {}
-    for number, (name, source) in enumerate(chosen.items()):
-        with open(os.path.join(folder, f"decode_whatif_{number}.py"), "w") as f:
-            f.write(source)
-        modules[name] = importlib.import_module(f"decode_whatif_{number}")
+    modules = import_sources(chosen, "decode_whatif")
     print("| B | num_iter | variant | decode us |\n| --- | --- | --- | --- |")
     for b in map(int, args.batches.split(",")):
         x = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)
