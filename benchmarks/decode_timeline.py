@@ -7,7 +7,7 @@ written in the traced kernel). Marks per item j of a program (a row of the trace
 - solver: 0 before waiting for h_kk's tile, 1 h_kk in registers, 2 h_kk' stored (issued), 3 solve done,
   4 h_kv in registers, 5 item done;
 - loader: 8 before h_kk's copies (it first waits for the buffer's release), 9 h_kk's copies issued,
-  10 h_kv's copies issued (9 and 10 with h_kk through the ring only).
+  10 h_kv's copies issued.
 
 It prints, per case, the mean per item of the solver's stages in microseconds (cycles over the SM clock, from
 the kernel's GPU time) and how much of the program's time both solvers spent in their solves at once; the raw
@@ -41,7 +41,7 @@ CLOCK = '''    @gluon.jit
 
 '''.replace("ROWS", str(ROWS)).replace("MARKS", str(MARKS))
 
-SOLVER_TAKE = "            if KK_GLOBAL:\n                h = gl.load(h_kk_ptr + state + square)"
+SOLVER_TAKE = "            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n"
 DECAY = "            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'\n"
 X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))\n"
 OUTPUT = "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
@@ -49,11 +49,10 @@ ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
 LOADER_ARGS = "(_ws_loader, (ring, full, free,"
-LOADER_FIRST = "            if KK_GLOBAL:\n                if PREFETCH > 0:\n"
-LOADER_KV = ("                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, "
-             "offsets,\n")
-LOADER_KV_END = "                           chunk_ends, D, SLOTS, COPY_ROWS, False, False)\n"
-SOLVER_X = "x_ptr, h_kk_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D,"
+LOADER_FIRST = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
+LOADER_KV = "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,"
+LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False)\n"
+SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"
 KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
                "                          NUM_HEADS")
 CALL = "    o, x, h_kk, h_kv = triton_call("
@@ -65,7 +64,7 @@ def traced(text: str) -> str:
     """``text`` (gluon_decode.py's source or a what-if variant of it) with the marks; its gka_decode returns the
     trace [programs * ROWS * MARKS] int32 in place of x (pipelined form only)."""
     mark = lambda n, at="            ": f"{at}_mark(x_ptr, first, j, {n})\n"  # noqa: E731
-    loader_mark = lambda n, at="            ": f"{at}_mark(trace_ptr, first, j, {n})\n"  # noqa: E731
+    loader_mark = lambda n: f"            _mark(trace_ptr, first, j, {n})\n"  # noqa: E731
     edits = [
         (SOLVER_TAKE, mark(0) + SOLVER_TAKE),
         (DECAY, mark(1) + DECAY),
@@ -74,8 +73,8 @@ def traced(text: str) -> str:
         (OUTPUT, mark(4) + OUTPUT),
         (ITEM_END, ITEM_END + mark(5)),
         (LOADER_FIRST, loader_mark(8) + LOADER_FIRST),
-        (LOADER_KV, loader_mark(9, " " * 16) + LOADER_KV),
-        (LOADER_KV_END, LOADER_KV_END + loader_mark(10, " " * 16)),
+        (LOADER_KV, loader_mark(9) + LOADER_KV),
+        (LOADER_KV_END, LOADER_KV_END + loader_mark(10)),
     ]
     for old, new in edits:
         text = decode_whatif.edit_last(text, old, new)

@@ -14,9 +14,6 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
-- "h_kk read by the solvers" (also "... prefetch 0" / "... prefetch 2" / "... 2 slots"): ``h_kk_read="global"``
-  as the default (the solvers read h_kk from global memory, the loader prefetching it into L2 1 (0, 2) items
-  ahead; the ring holds h_kv only, in 3 (2) buffers);
 - "default@PATH" / "mirror@PATH": the kernel source at PATH (e.g. an earlier commit's gluon_decode.py, for an
   A/B in one run), as is or with the mirror at every num_iter;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
@@ -74,7 +71,7 @@ def prefetching(text: str, distance: int) -> str:
 
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
-H_KK_LOAD = "COPY_ROWS, MIRROR == 1, False)"
+H_KK_LOAD = "COPY_ROWS, MIRROR == 1)"
 
 
 SWIZZLED = "            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])\n"
@@ -104,11 +101,6 @@ UPPER_STORE = ("gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.
                "mask=gl.expand_dims(gl.expand_dims(cols // 4, 0), 0) >= gl.expand_dims(rows // 4, 2))")
 
 
-KK_GLOBAL = ("    h_kk_read = h_kk_read or H_KK_READS[0]\n", "    h_kk_read = h_kk_read or H_KK_READS[1]\n")
-KK_PREFETCH = "        h_kk_prefetch = 1 if h_kk_read"
-SLOTS_2 = ("DEFAULT_SLOTS = 3 ", "DEFAULT_SLOTS = 2 ")
-
-
 def upper_store(text: str) -> str:
     return edit_last(text, H_KK_STORE, H_KK_STORE.replace(*UPPER_STORE))
 
@@ -133,20 +125,13 @@ def variants(text: str) -> dict:
         "tail solves num_iter 0": edit_last(text, SOLVE, tail),
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
-        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1,", "True,")),
+        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1)", "True)")),
     }
     upper = found["upper copy without a mirror"]
     found["upper copy without a mirror (swizzled)"] = swizzled(upper)
     found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
     found["mirror with an upper h_kk' store"] = upper_store(found["mirror"])
-    assert all(anchor in text for anchor in (KK_GLOBAL[0], KK_PREFETCH, SLOTS_2[0]))
-    by_solvers = text.replace(*KK_GLOBAL)
-    found["h_kk read by the solvers"] = by_solvers
-    for ahead in (0, 2):
-        found[f"h_kk read by the solvers prefetch {ahead}"] = by_solvers.replace(
-            KK_PREFETCH, KK_PREFETCH.replace("= 1 if", f"= {ahead} if"))
-    found["h_kk read by the solvers 2 slots"] = by_solvers.replace(*SLOTS_2)
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

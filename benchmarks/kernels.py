@@ -456,7 +456,6 @@ DECODE_VARIANTS = [
     ("gluon pipelined 4 blocks", "pallas", {"kernel": "gluon", "form": "pipelined", "blocks": 4}),
     ("gluon pipelined mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": True}),
     ("gluon pipelined no mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": False}),
-    ("gluon pipelined h_kk global", "pallas", {"kernel": "gluon", "form": "pipelined", "h_kk_read": "global"}),
     ("xla", "xla", {}),
 ]
 

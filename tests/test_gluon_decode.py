@@ -65,18 +65,13 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
     assert_close(got, run(reference.gka_decode, args, 30), 1e-5)
 
 
-@pytest.mark.parametrize("b, slots, loader_warps, h_kk_read, h_kk_prefetch", [
-    (1, 2, 1, "ring", None), (33, 2, 4, "ring", None), (67, 3, 1, "ring", None), (301, 2, 1, "ring", None),
-    (301, 3, 4, "ring", None), (134, 2, 4, "ring", None), (1, 3, 1, "ring", None), (33, 3, 1, "ring", None),
-    (301, 3, 1, "ring", None), (1, 3, 1, "global", 1), (33, 2, 1, "global", 0), (67, 3, 4, "global", 3),
-    (301, 3, 1, "global", 2), (301, 2, 4, "global", 1)])
-def test_pipelined_form_item_counts(b, slots, loader_warps, h_kk_read, h_kk_prefetch):
+@pytest.mark.parametrize("b, slots, loader_warps", [(1, 2, 1), (33, 2, 4), (67, 3, 1), (301, 2, 1), (301, 3, 4),
+                                                     (134, 2, 4), (1, 3, 1), (33, 3, 1), (301, 3, 1)])
+def test_pipelined_form_item_counts(b, slots, loader_warps):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
-    each solver gets none, one or several items and the buffer ring turns over many times; h_kk through the
-    ring or read by the solvers (with L2 prefetches up to 3 items ahead)."""
+    each solver gets none, one or several items and the buffer ring turns over many times."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
-    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps, h_kk_read=h_kk_read,
-                    h_kk_prefetch=h_kk_prefetch)
+    got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
 
 
@@ -109,14 +104,6 @@ def test_pipelined_options_are_checked():
         run_gluon(bf16_states, 10, form="pipelined", mirror=True)
     with pytest.raises(ValueError, match="mirror='both' is not a bool"):
         run_gluon(args, 10, form="pipelined", mirror="both")
-    with pytest.raises(ValueError, match="h_kk_read='shared' is not one of"):
-        run_gluon(args, 10, form="pipelined", h_kk_read="shared")
-    with pytest.raises(ValueError, match="h_kk_read='global' needs the pipelined form without the mirror"):
-        run_gluon(args, 10, form="pipelined", h_kk_read="global", mirror=True)
-    with pytest.raises(ValueError, match="h_kk_prefetch=4 must be 0 to 3"):
-        run_gluon(args, 10, form="pipelined", h_kk_read="global", h_kk_prefetch=4)
-    with pytest.raises(ValueError, match="h_kk_prefetch=1 must be 0 to 3, with h_kk_read='global'"):
-        run_gluon(args, 10, form="pipelined", h_kk_prefetch=1)
 
 
 def test_zero_state_first_token():

@@ -75,8 +75,6 @@ RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order:
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
-H_KK_READS = ("ring", "global")   # pipelined form: h_kk through the loader's ring, or read by the solvers
-MAX_H_KK_PREFETCH = 3     # h_kk_read="global": items ahead whose h_kk the loader prefetches into L2
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
@@ -155,8 +153,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, KK_GLOBAL: gl.constexpr,
-                          PREFETCH: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -172,10 +169,6 @@ if GLUON:
           h_kv buffer; item j + 2's h_kk needs item j + 1's h_kk released, so landed, so item j's h_kk
           released after its wait.
         (An mbarrier wait compares phase parities, so a waiter must never fall two phases behind.)
-
-        KK_GLOBAL (``h_kk_read="global"``): the ring holds h_kv tiles only (item j's in buffer j % SLOTS, its
-        full barrier j % SLOTS, so that a barrier's next phase needs its previous tile taken); the solvers read
-        h_kk from global memory, the loader having prefetched it into L2 PREFETCH items ahead.
 
         MIRROR (fp32 states): the loader copies only h_kk's upper triangle; the solver that takes the tile
         first writes the rest from its mirror image. (The loader warp mirroring each tile once its copies land
@@ -207,64 +200,34 @@ if GLUON:
         count = (num_items - first + stride - 1) // stride       # this program's items
         gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
                                           g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D,
-                                          NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR,
-                                          KK_GLOBAL)),
+                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
                             (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
                                           g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D,
-                                          NUM_ITER, BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR,
-                                          KK_GLOBAL)),
+                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
                             (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                          SLOTS, COPY_ROWS, MIRROR, KK_GLOBAL, PREFETCH))],
+                                          SLOTS, COPY_ROWS, MIRROR))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, KK_GLOBAL: gl.constexpr,
-                   PREFETCH: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
-        that reach the diagonal or lie right of it (52% of the bytes at D = 128). KK_GLOBAL: only the h_kv
-        tiles (tile t = j), item j + PREFETCH's h_kk prefetched into L2 before item j's h_kv."""
+        that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
-        TILE_BYTES: gl.constexpr = D * D * h_kk_ptr.dtype.element_ty.primitive_bitwidth // 8
-        if KK_GLOBAL and PREFETCH > 0:
-            for ahead in gl.static_range(PREFETCH):          # the first items' h_kk
-                if ahead < count:
-                    _prefetch_l2(h_kk_ptr + (first + ahead * stride).to(gl.int64) * (D * D), TILE_BYTES)
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            if KK_GLOBAL:
-                if PREFETCH > 0:
-                    if j + PREFETCH < count:
-                        _prefetch_l2(h_kk_ptr + (first + (j + PREFETCH) * stride).to(gl.int64) * (D * D),
-                                     TILE_BYTES)
-                _load_tile(ring, full.index(j % SLOTS), free, j, h_kv_ptr + state, offsets, chunk_ends, D, SLOTS,
-                           COPY_ROWS, False, True)
-            else:
-                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                           SLOTS, COPY_ROWS, MIRROR == 1, False)
-                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets,
-                           chunk_ends, D, SLOTS, COPY_ROWS, False, False)
-
-    @gluon.jit
-    def _prefetch_l2(source, TILE_BYTES: gl.constexpr):
-        """Prefetch TILE_BYTES at ``source`` into L2 (cp.async.bulk.prefetch), a 32nd by each lane of a warp."""
-        lanes = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-        gl.inline_asm_elementwise(_prefetch_asm(TILE_BYTES // 32), "=r,l",
-                                  [source + lanes * (TILE_BYTES // 32 // source.dtype.element_ty.primitive_bitwidth
-                                                     * 8)],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.constexpr_function
-    def _prefetch_asm(lane_bytes):
-        return f"cp.async.bulk.prefetch.L2.global [$1], {lane_bytes};\n\tmov.u32 $0, 0;"
+            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
+                       COPY_ROWS, MIRROR == 1)
+            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
+                       D, SLOTS, COPY_ROWS, False)
 
     @gluon.jit
     def _mirror_square(buffer):
@@ -308,14 +271,12 @@ if GLUON:
         buffer.slice(row_block * 32, 32, 0).slice(col_start, values.shape[1], 1).store(values)
 
     @gluon.jit
-    def _slot(tile, SLOTS: gl.constexpr, KV_ONLY: gl.constexpr):
+    def _slot(tile, SLOTS: gl.constexpr):
         """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
         t // 2. Three: h_kk always in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so
         that a solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32,
         num_iter 30 on an H200, docs/benchmarks.md)."""
-        if KV_ONLY:          # h_kv tiles only (KK_GLOBAL): tile t = item t
-            return tile % SLOTS, tile // SLOTS
-        elif SLOTS == 2:
+        if SLOTS == 2:
             return tile % 2, tile // 2
         else:
             j = tile // 2
@@ -326,11 +287,11 @@ if GLUON:
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr, KV_ONLY: gl.constexpr):
+                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
         """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
         lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
         are zero-filled, reading nothing)."""
-        slot, use = _slot(tile, SLOTS, KV_ONLY)
+        slot, use = _slot(tile, SLOTS)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
@@ -343,10 +304,10 @@ if GLUON:
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr, KV_ONLY: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
         release its buffer; MIRROR: the buffer holds the upper triangle, mirrored first."""
-        slot, _ = _slot(tile, SLOTS, KV_ONLY)
+        slot, _ = _slot(tile, SLOTS)
         mbarrier.wait(full, phase & 1)
         if MIRROR == 1:
             _mirror_square(ring.index(slot))
@@ -358,11 +319,10 @@ if GLUON:
 
     @gluon.jit
     def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                   g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_ptr,
-                   h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                   g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
+                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
-                   KK_GLOBAL: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
@@ -381,11 +341,8 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            if KK_GLOBAL:
-                h = gl.load(h_kk_ptr + state + square).to(gl.float32)                        # [BLOCKS, RB, D]
-            else:
-                h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
-                               MIRROR, False).to(gl.float32)
+            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
+                           MIRROR).to(gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -396,12 +353,8 @@ if GLUON:
 
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
-            if KK_GLOBAL:
-                s = _take_tile(ring, full.index(j % SLOTS), j // SLOTS, free, j, L3, BLOCKS, RB, D, SLOTS, False,
-                               True).to(gl.float32)                                               # [BLOCKS, RB, D]
-            else:
-                s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                               SLOTS, False, False).to(gl.float32)                                # [BLOCKS, RB, D]
+            s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
+                           SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
@@ -538,7 +491,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None, h_kk_read=None, h_kk_prefetch=None) -> GKAResult:
+               loader_warps=None, mirror=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -557,10 +510,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
       memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
       writes h_kk' exactly symmetric).
-    - ``h_kk_read`` (pipelined form; ``H_KK_READS``, default "ring"): "ring", h_kk copied by the loader
-      through the shared-memory ring; "global", the solvers read h_kk from global memory (the ring then holds
-      h_kv only) after the loader prefetched it into L2 ``h_kk_prefetch`` items ahead (0 to
-      ``MAX_H_KK_PREFETCH``, default 1; not yet measured on a GPU).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -592,23 +541,13 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
     loader_warps = loader_warps or DEFAULT_LOADER_WARPS
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
-    h_kk_read = h_kk_read or H_KK_READS[0]
-    if h_kk_read not in H_KK_READS:
-        raise ValueError(f"h_kk_read={h_kk_read!r} is not one of {H_KK_READS}")
     if mirror is None:
-        mirror = h_kk_read == "ring" and default_mirror(form, slots, fp32_states, int(num_iter))
+        mirror = default_mirror(form, slots, fp32_states, int(num_iter))
     if not isinstance(mirror, (bool, np.bool_)):
         raise ValueError(f"mirror={mirror!r} is not a bool")
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
         raise ValueError(f"mirror=True (h_kk read as its upper triangle) needs the pipelined form with slots=3 "
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
-    if h_kk_read == "global" and (form != "pipelined" or mirror):
-        raise ValueError(f"h_kk_read='global' needs the pipelined form without the mirror; got form={form!r}, "
-                         f"mirror={mirror}")
-    if h_kk_prefetch is None:
-        h_kk_prefetch = 1 if h_kk_read == "global" else 0
-    if h_kk_prefetch not in range(MAX_H_KK_PREFETCH + 1) or (h_kk_prefetch and h_kk_read != "global"):
-        raise ValueError(f"h_kk_prefetch={h_kk_prefetch} must be 0 to {MAX_H_KK_PREFETCH}, with h_kk_read='global'")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
@@ -618,8 +557,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=int(mirror), KK_GLOBAL=h_kk_read == "global",
-                      PREFETCH=h_kk_prefetch if h_kk_read == "global" else 0)
+                      MIRROR=int(mirror))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
