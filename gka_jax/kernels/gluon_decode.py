@@ -490,7 +490,10 @@ if GLUON:
         """x = Chebyshev(NUM_ITER) solution of (h + ridge ||h||_F I) x = q (``reference._chebyshev``)."""
         x = q
         if NUM_ITER > 0:
-            fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=1), axis=1), axis=0))   # the thread's rows first
+            if SCATTER:   # the thread's rows first (axis 0 runs over lanes)
+                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=1), axis=1), axis=0))
+            else:
+                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
             fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
             lam = ridge * fro
             step = 2.0 / (2.0 * lam + fro)
