@@ -215,8 +215,10 @@ if GLUON:
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile. MIRROR: of h_kk only the 16-byte chunks
-        that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
+        once the solver has released that buffer's previous tile, in the order of t; with three buffers the
+        second item's h_kk comes second (before the first item's h_kv), so that the second solver starts as
+        soon as the first. MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it
+        (52% of the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
@@ -225,8 +227,12 @@ if GLUON:
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D, SLOTS,
-                       COPY_ROWS, MIRROR == 1)
+            if SLOTS == 2 or j != 1:
+                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
+                           SLOTS, COPY_ROWS, MIRROR == 1)
+            if SLOTS == 3 and j == 0 and count > 1:        # item 1's h_kk, early
+                _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
+                           D, SLOTS, COPY_ROWS, MIRROR == 1)
             _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
                        D, SLOTS, COPY_ROWS, False)
 
@@ -274,17 +280,22 @@ if GLUON:
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr):
         """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
-        t // 2. Three: h_kk always in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so
-        that a solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32,
-        num_iter 30 on an H200, docs/benchmarks.md)."""
+        t // 2. Three: h_kk in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so that a
+        solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32, num_iter 30
+        on an H200, docs/benchmarks.md); but item 1's h_kk goes to buffer 2 (before item 1's h_kv), so that
+        both solvers' first h_kk load at once.
+
+        Phases stay safe (a full barrier's waiter never falls two phases behind): item j + 2's h_kk needs item
+        j + 1's released, which was loaded after item j's release (or, for item 3, after item 1's h_kv, which
+        needs item 1's h_kk released); item j + 2's h_kv needs item j's h_kv released."""
         if SLOTS == 2:
             return tile % 2, tile // 2
         else:
             j = tile // 2
             if tile % 2 == 0:
-                return 0, j
+                return 2 * (j == 1).to(gl.int32), j - 1 + (j == 0).to(gl.int32)
             else:
-                return 1 + j % 2, j // 2
+                return 1 + j % 2, j // 2 + j % 2
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
