@@ -49,7 +49,8 @@ ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
 LOADER_ARGS = "(_ws_loader, (ring, full, free,"
-LOADER_FIRST = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
+LOADER_FIRST_BEFORE_20D4AAF = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
+LOADER_FIRST = "            if SLOTS == 2 or j != 1:\n"   # before h_kk's copies (item 1's: with item 0's)
 LOADER_KV = "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,"
 LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False)\n"
 SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"
@@ -65,6 +66,7 @@ def traced(text: str) -> str:
     trace [programs * ROWS * MARKS] int32 in place of x (pipelined form only)."""
     mark = lambda n, at="            ": f"{at}_mark(x_ptr, first, j, {n})\n"  # noqa: E731
     loader_mark = lambda n: f"            _mark(trace_ptr, first, j, {n})\n"  # noqa: E731
+    loader_first = LOADER_FIRST if LOADER_FIRST in text else LOADER_FIRST_BEFORE_20D4AAF
     edits = [
         (SOLVER_TAKE, mark(0) + SOLVER_TAKE),
         (DECAY, mark(1) + DECAY),
@@ -72,7 +74,7 @@ def traced(text: str) -> str:
         (X_STORE, mark(3)),
         (OUTPUT, mark(4) + OUTPUT),
         (ITEM_END, ITEM_END + mark(5)),
-        (LOADER_FIRST, loader_mark(8) + LOADER_FIRST),
+        (loader_first, loader_mark(8) + loader_first),
         (LOADER_KV, loader_mark(9) + LOADER_KV),
         (LOADER_KV_END, LOADER_KV_END + loader_mark(10)),
     ]
