@@ -43,7 +43,7 @@ CLOCK = '''    @gluon.jit
 
 SOLVER_TAKE = "            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n"
 DECAY = "            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'\n"
-X_STORE = "            gl.store(x_ptr + item * D + vector, x.to(x_ptr.dtype.element_ty))\n"
+X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))\n"
 OUTPUT = "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
 ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")

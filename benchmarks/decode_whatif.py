@@ -38,7 +38,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, SCATTER, VEC, LANES)\n"
+SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)\n"
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
 LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
@@ -71,7 +71,6 @@ def prefetching(text: str, distance: int) -> str:
 
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
-SCATTER = ("        scatter = False\n", "        scatter = True\n")
 H_KK_LOAD = "COPY_ROWS, MIRROR == 1)"
 
 
@@ -133,9 +132,6 @@ def variants(text: str) -> dict:
     found["upper copy without a mirror (loader 64 registers)"] = upper.replace(LOADER_REGS, "LOADER_REGS=64,")
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
     found["mirror with an upper h_kk' store"] = upper_store(found["mirror"])
-    assert SCATTER[0] in text
-    found["scatter"] = text.replace(*SCATTER)
-    found["mirror scatter"] = found["scatter"].replace(*MIRROR_ON)
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

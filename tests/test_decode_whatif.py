@@ -20,7 +20,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 18
+    assert len(variants) == 16
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -42,7 +42,7 @@ def test_the_timeline_marks_find_their_anchors():
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
     tool = load_tool()
-    for name in ("default", "mirror", "scatter"):
+    for name in ("default", "mirror"):
         text = timeline.traced(tool.variants(tool.kernel_source())[name])
         ast.parse(text)
         for mark in (0, 1, 2, 3, 4, 5):

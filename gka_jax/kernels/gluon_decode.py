@@ -74,7 +74,6 @@ LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
-SCATTER_ROW_LANES, SCATTER_LANES = 8, 8   # pipelined form, scatter: 8 row lanes x 4 column lanes, 8 columns each
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -92,7 +91,7 @@ if GLUON:
         RB: gl.constexpr = D // BLOCKS
         # H as [BLOCKS, RB, D]: a thread holds LANES adjacent columns (16-byte accesses at LANES = 4) in the
         # rows of its row lane (with D / 32 warps, LANES row lanes share the rows of a block).
-        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, W, False)
+        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, W)
         ROW: gl.constexpr = gl.SliceLayout(2, L3)                      # [BLOCKS, RB]: a thread's rows
         COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))   # [D]: a thread's columns
         # Copies to shared memory: 16 bytes per thread and instruction, a warp over whole rows.
@@ -128,7 +127,7 @@ if GLUON:
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
 
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
-            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, False, COL, LANES)
+            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
@@ -143,7 +142,7 @@ if GLUON:
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
-                              o_ptr + item * D + cols, scale, BLOCKS, RB, ROW, False, COL, LANES)
+                              o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # iterate buffers are reused by the next item
 
     @gluon.jit
@@ -154,7 +153,7 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, SCATTER: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -202,11 +201,11 @@ if GLUON:
         gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
                                           g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                                           x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, SCATTER)),
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
                             (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
                                           g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                                           x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, SCATTER)),
+                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
                             (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
                                           SLOTS, COPY_ROWS, MIRROR))],
                            [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
@@ -334,33 +333,22 @@ if GLUON:
                    g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
-                   SCATTER: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring (S stays in its buffer until o is computed). SCATTER: the block index of H's [BLOCKS, RB, D]
-        layout runs over lanes (``_state_layout``), and each product ends in a reduce-scatter
-        (``_reduce_scatter``): the vectors (q, x, o) are [BLOCKS, D / BLOCKS], one element per thread."""
+        ring (S stays in its buffer until o is computed)."""
         RB: gl.constexpr = D // BLOCKS
-        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps(), SCATTER)
+        L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
         COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
         rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
-        if SCATTER:
-            VEC: gl.constexpr = _vector_layout(D, BLOCKS, LANES, gl.num_warps())
-            # element [r, m] of a vector in VEC is element m BLOCKS + r (``_reduce_scatter``)
-            vector = (gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, VEC)), 0) * BLOCKS
-                      + gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, VEC)), 1))   # [BLOCKS, RB]
-        else:
-            VEC: gl.constexpr = COL
-            vector = cols
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
             kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
                                                          HAS_BETA, HAS_G_KK)
-            q = gl.load(q_ptr + item * D + vector).to(gl.float32)                            # [D] in VEC
+            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
@@ -368,8 +356,8 @@ if GLUON:
                            MIRROR).to(gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
-            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, SCATTER, VEC, LANES)
-            gl.store(x_ptr + item * D + vector, x.to(x_ptr.dtype.element_ty))
+            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
+            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
                 mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
@@ -379,7 +367,7 @@ if GLUON:
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
                            SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
-                              o_ptr + item * D + vector, scale, BLOCKS, RB, ROW, SCATTER, VEC, LANES)
+                              o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
 
     @gluon.jit
@@ -405,106 +393,32 @@ if GLUON:
 
     @gluon.jit
     def _value_and_output(s, g, k_rows, v_cols, mixed, iterate, s_out, o_out, scale, BLOCKS: gl.constexpr,
-                          RB: gl.constexpr, ROW: gl.constexpr, SCATTER: gl.constexpr, VEC: gl.constexpr,
-                          LANES: gl.constexpr):
+                          RB: gl.constexpr, ROW: gl.constexpr):
         """S' = exp(g) S + k v^T stored at ``s_out``; o = scale S'^T q' stored at ``o_out`` (q' = ``mixed``
         goes through ``iterate`` so that each thread reads it at its rows)."""
         s = _decay_add_outer(s, g, k_rows, v_cols)                                          # [BLOCKS, RB, D]
         gl.store(s_out, s.to(s_out.dtype.element_ty))
-        _store_vector(iterate, mixed, BLOCKS, RB, SCATTER)
-        o = _product(s, iterate, BLOCKS, RB, ROW, SCATTER, VEC, LANES)                       # [D] in VEC
+        iterate.store(mixed)
+        mixed_all = iterate.reshape([BLOCKS, RB]).load(ROW)
+        o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)                # [D]
         gl.store(o_out, (scale * o).to(o_out.dtype.element_ty))
 
-    @gluon.jit
-    def _store_vector(iterate, value, BLOCKS: gl.constexpr, RB: gl.constexpr, SCATTER: gl.constexpr):
-        """Write a [D] vector (``_product``'s layout) to the shared buffer ``iterate`` in its natural order."""
-        if SCATTER:
-            iterate.reshape([RB, BLOCKS]).permute([1, 0]).store(value)      # [r, m] at m BLOCKS + r
-        else:
-            iterate.store(value)
-
-    @gluon.jit
-    def _product(h, iterate, BLOCKS: gl.constexpr, RB: gl.constexpr, ROW: gl.constexpr, SCATTER: gl.constexpr,
-                 VEC: gl.constexpr, LANES: gl.constexpr):
-        """(H^T x)_c = sum_r H[r, c] x_r for H [BLOCKS, RB, D] in registers and x in the shared buffer
-        ``iterate`` (each thread reads x at its rows). Without SCATTER: a sum over the thread's rows, then
-        shuffles across the row lanes; the result [D] is replicated over the row lanes. SCATTER: the rows of
-        a thread sum first, then ``_reduce_scatter`` across the BLOCKS row lanes: [BLOCKS, D / BLOCKS] in
-        VEC, one element per thread."""
-        x_all = iterate.reshape([BLOCKS, RB]).load(ROW)                                  # [BLOCKS, RB]
-        if SCATTER:
-            partial = gl.sum(h * gl.expand_dims(x_all, 2), axis=1)                        # [BLOCKS, D]
-            return _reduce_scatter(partial, VEC, BLOCKS, RB * BLOCKS // LANES, LANES)
-        else:
-            return gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=0), axis=0)           # [D]
-
-    @gluon.jit
-    def _reduce_scatter(partial, VEC: gl.constexpr, ROW_LANES: gl.constexpr, GROUPS: gl.constexpr,
-                        LANES: gl.constexpr):
-        """partial [ROW_LANES = 8, D] (a thread: one row lane's partial sums of LANES = 8 adjacent columns)
-        summed over the row lanes, each thread left with one column: element [r, m] (in VEC) is column
-        m LANES + r. Three butterfly rounds: in round k a thread keeps the half of its columns selected by bit
-        k of its row lane, receives that half from its partner (lane ^ (column lanes << k)) and sends it the
-        other half; 7 shuffles per thread, where summing all columns over the row lanes takes 24."""
-        COLUMN_LANES: gl.constexpr = 32 // ROW_LANES
-        halves = gl.reshape(partial, [ROW_LANES, GROUPS, 2, 2, 2])   # column m 8 + 4 c2 + 2 c1 + c0
-        low, high = gl.split(halves)                                  # c0 = 0 / 1
-        quarters = _exchange(low, high, COLUMN_LANES)
-        low, high = gl.split(quarters)                                # c1
-        eighths = _exchange(low, high, 2 * COLUMN_LANES)
-        low, high = gl.split(eighths)                                 # c2
-        return gl.convert_layout(_exchange(low, high, 4 * COLUMN_LANES), VEC, assert_trivial=True)
-
-    @gluon.jit
-    def _exchange(low, high, MASK: gl.constexpr):
-        """low + (partner's low) where this lane's bit MASK is 0, high + (partner's high) where it is 1; the
-        partner is lane ^ MASK."""
-        return gl.inline_asm_elementwise(_exchange_asm(MASK), "=r,r,r", [low, high], dtype=gl.float32,
-                                         is_pure=True, pack=1)
-
     @gluon.constexpr_function
-    def _exchange_asm(mask):
-        return ("{\n\t.reg .pred upper;\n\t.reg .b32 lane, send, keep, received;\n\t"
-                "mov.u32 lane, %laneid;\n\t"
-                f"and.b32 lane, lane, {mask};\n\t"
-                "setp.ne.u32 upper, lane, 0;\n\t"
-                "selp.b32 send, $1, $2, upper;\n\t"
-                "selp.b32 keep, $2, $1, upper;\n\t"
-                f"shfl.sync.bfly.b32 received, send, {mask}, 0x1f, 0xffffffff;\n\t"
-                "add.f32 $0, keep, received;\n\t}")
-
-    @gluon.constexpr_function
-    def _state_layout(D, BLOCKS, LANES, WARPS, SCATTER):
+    def _state_layout(D, BLOCKS, LANES, WARPS):
         """[BLOCKS, D / BLOCKS, D] over WARPS warps: a thread holds LANES adjacent columns in some rows of each
-        row block; a warp's threads span D / (WARPS LANES) column groups and the rest of 32 row lanes. SCATTER:
-        the row lanes run over the first dimension (BLOCKS of them), a thread holding rows r RB .. r RB + RB - 1
-        of row lane r."""
+        row block; a warp's threads span D / (WARPS LANES) column groups and the rest of 32 row lanes."""
         column_lanes = D // (WARPS * LANES)
         row_lanes = 32 // column_lanes
-        if SCATTER:
-            assert BLOCKS == row_lanes, (BLOCKS, row_lanes)
-            return gl.BlockedLayout([1, D // BLOCKS, LANES], [row_lanes, 1, column_lanes], [1, 1, WARPS],
-                                    [2, 1, 0])
         return gl.BlockedLayout([BLOCKS, D // BLOCKS // row_lanes, LANES], [1, row_lanes, column_lanes],
                                 [1, 1, WARPS], [2, 1, 0])
 
-    @gluon.constexpr_function
-    def _vector_layout(D, BLOCKS, LANES, WARPS):
-        """[BLOCKS, D / BLOCKS], one element per thread: the row lanes over the first dimension, the column
-        lanes and warps over the second (``_reduce_scatter``'s result)."""
-        column_lanes = D // (WARPS * LANES)
-        return gl.BlockedLayout([1, 1], [BLOCKS, column_lanes], [1, WARPS], [1, 0])
-
     @gluon.jit
     def _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr,
-               RB: gl.constexpr, ROW: gl.constexpr, SCATTER: gl.constexpr, VEC: gl.constexpr, LANES: gl.constexpr):
+               RB: gl.constexpr, ROW: gl.constexpr):
         """x = Chebyshev(NUM_ITER) solution of (h + ridge ||h||_F I) x = q (``reference._chebyshev``)."""
         x = q
         if NUM_ITER > 0:
-            if SCATTER:   # the thread's rows first (axis 0 runs over lanes)
-                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=1), axis=1), axis=0))
-            else:
-                fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
+            fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
             fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
             lam = ridge * fro
             step = 2.0 / (2.0 * lam + fro)
@@ -513,15 +427,15 @@ if GLUON:
             x = step * q
             x_prev = gl.zeros_like(x)
             omega = 2.0
-            _store_vector(iterate_a, x, BLOCKS, RB, SCATTER)
+            iterate_a.store(x)
             for _ in range(NUM_ITER // 2):     # two iterations: a -> b, b -> a
                 x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
-                                                   rho_sq_4, BLOCKS, RB, ROW, SCATTER, VEC, LANES)
+                                                   rho_sq_4, BLOCKS, RB, ROW)
                 x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam, step,
-                                                   rho_sq_4, BLOCKS, RB, ROW, SCATTER, VEC, LANES)
+                                                   rho_sq_4, BLOCKS, RB, ROW)
             if NUM_ITER % 2 == 1:
                 x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
-                                                   rho_sq_4, BLOCKS, RB, ROW, SCATTER, VEC, LANES)
+                                                   rho_sq_4, BLOCKS, RB, ROW)
         return x
 
     @gluon.jit
@@ -542,15 +456,15 @@ if GLUON:
 
     @gluon.jit
     def _chebyshev_step(h, iterate_in, iterate_out, x, x_prev, omega, q, lam, step, rho_sq_4,
-                        BLOCKS: gl.constexpr, RB: gl.constexpr, ROW: gl.constexpr, SCATTER: gl.constexpr,
-                        VEC: gl.constexpr, LANES: gl.constexpr):
+                        BLOCKS: gl.constexpr, RB: gl.constexpr, ROW: gl.constexpr):
         """One ``reference._chebyshev`` iteration: reads the iterate x from ``iterate_in`` (each thread the
         elements of its rows), writes the next one to ``iterate_out``; returns (x', x, omega')."""
-        h_x = _product(h, iterate_in, BLOCKS, RB, ROW, SCATTER, VEC, LANES)               # [D] in VEC
+        x_all = iterate_in.reshape([BLOCKS, RB]).load(ROW)                            # [BLOCKS, RB]
+        h_x = gl.sum(gl.sum(h * gl.expand_dims(x_all, 2), axis=0), axis=0)   # [D]: blocks first, then the rows
         omega = _reciprocal(1.0 - rho_sq_4 * omega)
         residual = h_x + lam * x - q
         x_next = omega * x - step * omega * residual - (omega - 1.0) * x_prev
-        _store_vector(iterate_out, x_next, BLOCKS, RB, SCATTER)
+        iterate_out.store(x_next)
         return x_next, x, omega
 
 
@@ -588,7 +502,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None, scatter=None) -> GKAResult:
+               loader_warps=None, mirror=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -647,10 +561,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
-    if scatter is None:
-        scatter = False
-    if scatter and form != "pipelined":
-        raise ValueError(f"scatter=True needs the pipelined form; got form={form!r}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
@@ -658,9 +568,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=int(mirror), SCATTER=bool(scatter))
-        if scatter:
-            blocks, lanes = SCATTER_ROW_LANES, SCATTER_LANES
+                      MIRROR=int(mirror))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
