@@ -50,7 +50,7 @@ ITEM_END = ("            gl.thread_barrier()                            "
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
 LOADER_ARGS = "(_ws_loader, (ring, full, free,"
 LOADER_FIRST_BEFORE_20D4AAF = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
-LOADER_FIRST = "            if SLOTS == 2 or j != 1:\n"   # before h_kk's copies (item 1's: with item 0's)
+LOADER_FIRST = "            if not EARLY or j != 1:\n"   # before h_kk's copies (item 1's: with item 0's)
 LOADER_KV = "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,"
 LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False)\n"
 SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"

@@ -71,7 +71,7 @@ def prefetching(text: str, distance: int) -> str:
 
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
-H_KK_LOAD = "COPY_ROWS, MIRROR == 1)"
+H_KK_LOAD = "COPY_ROWS, MIRROR == 1, EARLY)"
 
 
 SWIZZLED = "            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])\n"

@@ -49,5 +49,5 @@ def test_the_timeline_marks_find_their_anchors():
             assert text.count(f"_mark(x_ptr, first, j, {mark})") == 1, mark
         for mark in (8, 9, 10):
             assert text.count(f"_mark(trace_ptr, first, j, {mark})") == 1, mark
-        assert "_mark(trace_ptr, first, j, 8)\n            if SLOTS == 2 or j != 1:\n" in text   # not inside the if
+        assert "_mark(trace_ptr, first, j, 8)\n            if not EARLY or j != 1:\n" in text   # not inside the if
         assert timeline.X_STORE not in text.split("def _ws_solver")[1].split("def _item_scalars")[0]

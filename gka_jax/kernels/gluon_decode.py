@@ -214,9 +214,8 @@ if GLUON:
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile, in the order of t; with three buffers the
-        second item's h_kk comes second (before the first item's h_kv), so that the second solver starts as
-        soon as the first. MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it
+        once the solver has released that buffer's previous tile, in the order of t; with three buffers and
+        no mirror, the second item's h_kk comes second (before the first item's h_kv, ``_slot``). MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it
         (52% of the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
@@ -224,16 +223,17 @@ if GLUON:
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
+        EARLY: gl.constexpr = SLOTS == 3 and MIRROR == 0
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            if SLOTS == 2 or j != 1:
+            if not EARLY or j != 1:
                 _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                           SLOTS, COPY_ROWS, MIRROR == 1)
-            if SLOTS == 3 and j == 0 and count > 1:        # item 1's h_kk, early
+                           SLOTS, COPY_ROWS, MIRROR == 1, EARLY)
+            if EARLY and j == 0 and count > 1:        # item 1's h_kk, early
                 _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
-                           D, SLOTS, COPY_ROWS, MIRROR == 1)
+                           D, SLOTS, COPY_ROWS, MIRROR == 1, EARLY)
             _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
-                       D, SLOTS, COPY_ROWS, False)
+                       D, SLOTS, COPY_ROWS, False, EARLY)
 
     @gluon.jit
     def _mirror_square(buffer):
@@ -277,12 +277,14 @@ if GLUON:
         buffer.slice(row_block * 32, 32, 0).slice(col_start, values.shape[1], 1).store(values)
 
     @gluon.jit
-    def _slot(tile, SLOTS: gl.constexpr):
+    def _slot(tile, SLOTS: gl.constexpr, EARLY: gl.constexpr):
         """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
         t // 2. Three: h_kk in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so that a
         solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32, num_iter 30
-        on an H200, docs/benchmarks.md); but item 1's h_kk goes to buffer 2 (before item 1's h_kv), so that
-        both solvers' first h_kk load at once.
+        on an H200, docs/benchmarks.md). EARLY (three buffers without the mirror): item 1's h_kk goes to
+        buffer 2 (before item 1's h_kv), so that both solvers' first h_kk load at once (83.7-83.9 against
+        84.6-85.2 us at B = 32, 290.5 against 294.3 at B = 128, num_iter 30; with the mirror, 72.6 against 70.7
+        at B = 32, num_iter 10).
 
         Phases stay safe (a full barrier's waiter never falls two phases behind): item j + 2's h_kk needs item
         j + 1's released, which was loaded after item j's release (or, for item 3, after item 1's h_kv, which
@@ -291,18 +293,23 @@ if GLUON:
             return tile % 2, tile // 2
         else:
             j = tile // 2
-            if tile % 2 == 0:
+            if not EARLY:
+                if tile % 2 == 0:
+                    return 0, j
+                else:
+                    return 1 + j % 2, j // 2
+            elif tile % 2 == 0:
                 return 2 * (j == 1).to(gl.int32), j - 1 + (j == 0).to(gl.int32)
             else:
                 return 1 + j % 2, j // 2 + j % 2
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr):
+                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr, EARLY: gl.constexpr):
         """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
         lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
         are zero-filled, reading nothing)."""
-        slot, use = _slot(tile, SLOTS)
+        slot, use = _slot(tile, SLOTS, EARLY)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
@@ -315,10 +322,10 @@ if GLUON:
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr, EARLY: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
         release its buffer; MIRROR: the buffer holds the upper triangle, mirrored first."""
-        slot, _ = _slot(tile, SLOTS)
+        slot, _ = _slot(tile, SLOTS, EARLY)
         mbarrier.wait(full, phase & 1)
         if MIRROR == 1:
             _mirror_square(ring.index(slot))
@@ -340,6 +347,7 @@ if GLUON:
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
         COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
+        EARLY: gl.constexpr = SLOTS == 3 and MIRROR == 0      # the loader's order (``_slot``)
         rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
@@ -353,7 +361,7 @@ if GLUON:
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
             h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
-                           MIRROR).to(gl.float32)
+                           MIRROR, EARLY).to(gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -365,7 +373,7 @@ if GLUON:
             v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
             s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS, False).to(gl.float32)                                           # [BLOCKS, RB, D]
+                           SLOTS, False, EARLY).to(gl.float32)                                    # [BLOCKS, RB, D]
             _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                               o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
