@@ -125,7 +125,7 @@ def variants(text: str) -> dict:
         "tail solves num_iter 0": edit_last(text, SOLVE, tail),
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
-        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1)", "True)")),
+        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1,", "True,")),
     }
     upper = found["upper copy without a mirror"]
     found["upper copy without a mirror (swizzled)"] = swizzled(upper)
