@@ -52,7 +52,8 @@ LOADER_ARGS = "(_ws_loader, (ring, full, free,"
 LOADER_FIRST_BEFORE_20D4AAF = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
 LOADER_FIRST = "            if not EARLY or j != 1:\n"   # before h_kk's copies (item 1's: with item 0's)
 LOADER_KV = "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,"
-LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False)\n"
+LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False, EARLY)\n"
+LOADER_KV_END_BEFORE_20D4AAF = "                       D, SLOTS, COPY_ROWS, False)\n"
 SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"
 KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
                "                          NUM_HEADS")
@@ -67,6 +68,7 @@ def traced(text: str) -> str:
     mark = lambda n, at="            ": f"{at}_mark(x_ptr, first, j, {n})\n"  # noqa: E731
     loader_mark = lambda n: f"            _mark(trace_ptr, first, j, {n})\n"  # noqa: E731
     loader_first = LOADER_FIRST if LOADER_FIRST in text else LOADER_FIRST_BEFORE_20D4AAF
+    loader_kv_end = LOADER_KV_END if LOADER_KV_END in text else LOADER_KV_END_BEFORE_20D4AAF
     edits = [
         (SOLVER_TAKE, mark(0) + SOLVER_TAKE),
         (DECAY, mark(1) + DECAY),
@@ -76,7 +78,7 @@ def traced(text: str) -> str:
         (ITEM_END, ITEM_END + mark(5)),
         (loader_first, loader_mark(8) + loader_first),
         (LOADER_KV, loader_mark(9) + LOADER_KV),
-        (LOADER_KV_END, LOADER_KV_END + loader_mark(10)),
+        (loader_kv_end, loader_kv_end + loader_mark(10)),
     ]
     for old, new in edits:
         text = decode_whatif.edit_last(text, old, new)
