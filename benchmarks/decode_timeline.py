@@ -44,7 +44,8 @@ CLOCK = '''    @gluon.jit
 SOLVER_TAKE = "            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n"
 DECAY = "            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'\n"
 X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))\n"
-OUTPUT = "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
+OUTPUT = "                _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
+OUTPUT_BEFORE_VALUE = OUTPUT[4:]     # sources without the value partition (the call one level less indented)
 ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
@@ -69,12 +70,13 @@ def traced(text: str) -> str:
     loader_mark = lambda n: f"            _mark(trace_ptr, first, j, {n})\n"  # noqa: E731
     loader_first = LOADER_FIRST if LOADER_FIRST in text else LOADER_FIRST_BEFORE_20D4AAF
     loader_kv_end = LOADER_KV_END if LOADER_KV_END in text else LOADER_KV_END_BEFORE_20D4AAF
+    output, output_mark = (OUTPUT, mark(4, " " * 16)) if OUTPUT in text else (OUTPUT_BEFORE_VALUE, mark(4))
     edits = [
         (SOLVER_TAKE, mark(0) + SOLVER_TAKE),
         (DECAY, mark(1) + DECAY),
         (decode_whatif.H_KK_STORE, decode_whatif.H_KK_STORE + mark(2)),
         (X_STORE, mark(3)),
-        (OUTPUT, mark(4) + OUTPUT),
+        (output, output_mark + output),
         (ITEM_END, ITEM_END + mark(5)),
         (loader_first, loader_mark(8) + loader_first),
         (LOADER_KV, loader_mark(9) + LOADER_KV),
@@ -82,7 +84,7 @@ def traced(text: str) -> str:
     ]
     for old, new in edits:
         text = decode_whatif.edit_last(text, old, new)
-    assert text.count(SOLVER_X) == 2 and all(a in text for a in (LOADER_DEF, LOADER_ARGS, KERNEL_OUTS, CALL,
+    assert text.count(SOLVER_X) in (2, 4) and all(a in text for a in (LOADER_DEF, LOADER_ARGS, KERNEL_OUTS, CALL,
                                                                   OUT_SHAPES, RETURN))
     text = text.replace(SOLVER_X, SOLVER_X.replace("x_ptr", "trace_ptr"))   # the solvers get the trace as x_ptr
     text = text.replace(LOADER_DEF, LOADER_DEF + " trace_ptr,").replace(LOADER_ARGS, LOADER_ARGS + " trace_ptr,")

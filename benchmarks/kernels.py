@@ -456,6 +456,7 @@ DECODE_VARIANTS = [
     ("gluon pipelined 4 blocks", "pallas", {"kernel": "gluon", "form": "pipelined", "blocks": 4}),
     ("gluon pipelined mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": True}),
     ("gluon pipelined no mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": False}),
+    ("gluon pipelined value partition", "pallas", {"kernel": "gluon", "form": "pipelined", "value_partition": True}),
     ("xla", "xla", {}),
 ]
 

@@ -39,14 +39,14 @@ def run_gluon(args, num_iter, **options):
     (128, 4, 29, True, True, False),
     (128, 1, 10, False, False, False),
 ])
-@pytest.mark.parametrize("form", ["item", "pipelined"])
-def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, g_kk, form):
+@pytest.mark.parametrize("form, value_partition", [("item", False), ("pipelined", False), ("pipelined", True)])
+def test_matches_reference_and_fp64_oracle(d, hkv, num_iter, no_beta, no_alpha, g_kk, form, value_partition):
     args, want, want_fp64 = case_and_expected(d, hkv, num_iter, no_beta, no_alpha, g_kk)
     if form == "pipelined" and d not in gluon_decode.PIPELINED_HEAD_DIMS:
         with pytest.raises(ValueError, match="pipelined form covers"):
-            run_gluon(args, num_iter, form=form)
+            run_gluon(args, num_iter, form=form, value_partition=value_partition)
         return
-    got = run_gluon(args, num_iter, form=form)
+    got = run_gluon(args, num_iter, form=form, value_partition=value_partition)
     assert_close(got, want, 1e-5)
     assert_close(got, want_fp64, 1e-4)
 
@@ -89,6 +89,17 @@ def test_mirror_reads_only_the_upper_triangle(b, num_iter):
     assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("b, num_iter, mirror, slots", [(1, 30, False, 3), (33, 10, True, 3), (301, 30, False, 3),
+                                                     (67, 0, False, 2), (40, 29, False, 2), (301, 10, True, 3),
+                                                     (134, 30, False, 3)])
+def test_value_partition_item_counts(b, num_iter, mirror, slots):
+    """value_partition (h_kv' and o by a partition of their own, q' handed over per solver) with 1 to 10 items
+    per program, with and without the mirror, with two and three buffers."""
+    args = decode_inputs(51, b=b, d=128, g_kk=b % 2 == 1)
+    got = run_gluon(args, num_iter, form="pipelined", value_partition=True, mirror=mirror, slots=slots)
+    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
+
+
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
@@ -104,6 +115,12 @@ def test_pipelined_options_are_checked():
         run_gluon(bf16_states, 10, form="pipelined", mirror=True)
     with pytest.raises(ValueError, match="mirror='both' is not a bool"):
         run_gluon(args, 10, form="pipelined", mirror="both")
+    with pytest.raises(ValueError, match="value_partition=True needs loader_warps=4"):
+        run_gluon(args, 10, form="pipelined", value_partition=True, loader_warps=1)
+    with pytest.raises(ValueError, match="value_partition=True needs the pipelined form"):
+        run_gluon(args, 10, form="item", value_partition=True)
+    with pytest.raises(ValueError, match="value_partition='yes' is not a bool"):
+        run_gluon(args, 10, form="pipelined", value_partition="yes")
 
 
 def test_zero_state_first_token():

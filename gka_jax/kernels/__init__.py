@@ -33,7 +33,8 @@ from .reference import HIGHEST, GKAResult
 BACKENDS = ("pallas", "xla", "pallas_interpret")
 DECODE_KERNELS = ("auto", "gluon", "pallas")
 _PALLAS_DECODE_OPTIONS = {"split", "matvec", "num_warps", "value_num_warps", "value_block"}
-_GLUON_DECODE_OPTIONS = {"form", "blocks", "lanes", "maxnreg", "slots", "loader_warps", "mirror"}
+_GLUON_DECODE_OPTIONS = {"form", "blocks", "lanes", "maxnreg", "slots", "loader_warps", "mirror",
+                         "value_partition"}
 
 
 def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluon_available=None,

@@ -74,6 +74,8 @@ LOADER_WARPS = (1, 4)
 RING_SLOTS = (2, 3)        # 3 x 64 KiB fill the shared memory (the phase order: ``_decode_ws_kernel``)
 PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
+VALUE_REGS = 80           # pipelined form, value_partition: registers per thread of the value partition (4 warps)
+VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, none padded (16 warps)
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -153,7 +155,8 @@ if GLUON:
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr):
+                          LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr,
+                          VALUE_REGS: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -173,7 +176,12 @@ if GLUON:
         MIRROR (fp32 states): the loader copies only h_kk's upper triangle; the solver that takes the tile
         first writes the rest from its mirror image. (The loader warp mirroring each tile once its copies land
         made the step slower, 98 against 88 us at B = 32, num_iter 30, as did a partition of its own for the
-        mirror: 92-95 against 85 us; docs/benchmarks.md.)"""
+        mirror: 92-95 against 85 us; docs/benchmarks.md.)
+
+        VALUE: a third partition of num_warps warps (``_ws_value``) takes each item's h_kv tile and computes
+        S' and o, so that the solvers only hand it q' (through ``mixed``: mixed_full[s] says that solver s's
+        q' is written, mixed_free[s] that the value partition has read it). Then the value partition, not
+        the solver, waits for the h_kv tiles (in item order) and releases their buffers."""
         if MIRROR > 0:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
@@ -195,20 +203,83 @@ if GLUON:
         iterate_0b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
         iterate_1a = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
         iterate_1b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
+        mixed = gl.allocate_shared_memory(gl.float32, [2, D], VECTOR)        # q' of solver 0 / 1 (VALUE)
+        mixed_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mixed_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        if VALUE:
+            for index in gl.static_range(2):
+                mbarrier.init(mixed_full.index(index), count=1)
+                mbarrier.init(mixed_free.index(index), count=1)
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        gl.warp_specialize([(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
-                            (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, q_ptr, k_ptr, v_ptr, beta_ptr,
-                                          g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                                          x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,
-                                          BLOCKS, HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR)),
-                            (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D,
-                                          SLOTS, COPY_ROWS, MIRROR))],
-                           [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
+        # (constexprs lose their kind in a tuple variable: each partition's arguments are written out)
+        if VALUE:
+            gl.warp_specialize([
+                (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
+                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
+                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
+                              MIRROR)),
+                (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale,
+                             first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
+                             MIRROR))],
+                [gl.num_warps(), LOADER_WARPS, gl.num_warps()], [SOLVER_REGS, LOADER_REGS, VALUE_REGS])
+        else:
+            gl.warp_specialize([
+                (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
+                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
+                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
+                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
+                              MIRROR))],
+                [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
+
+    @gluon.jit
+    def _ws_value(ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale, first,
+                  stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                  D: gl.constexpr, HAS_BETA: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
+        """The value partition (VALUE): for the program's items in order, S' = exp(g) S + k v^T from the h_kv
+        tile (stored to h_kv_out) and o = scale S'^T q' once the item's solver has handed over q', in row
+        chunks of CHUNK rows (few registers: the solvers keep theirs); then the tile's buffer is released."""
+        CHUNK: gl.constexpr = 32
+        LAYOUT: gl.constexpr = gl.BlockedLayout([CHUNK // 4, 4], [4, 8], [1, gl.num_warps()], [1, 0])  # [CHUNK, D]
+        ROWS: gl.constexpr = gl.SliceLayout(1, LAYOUT)
+        COLS: gl.constexpr = gl.SliceLayout(0, LAYOUT)
+        EARLY: gl.constexpr = SLOTS == 3 and MIRROR == 0      # the loader's order (``_slot``)
+        rows = gl.arange(0, CHUNK, layout=ROWS)
+        cols = gl.arange(0, D, layout=COLS)
+        piece = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                     # [CHUNK, D]
+        for j in range(count):
+            item = first + j * stride
+            kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_ptr, NUM_HEADS, GROUP, D, HAS_BETA,
+                                                      False)
+            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            decay = gl.exp(g)
+            slot, _ = _slot(2 * j + 1, SLOTS, EARLY)
+            mbarrier.wait(full.index(2 * (j % 2) + 1), (j // 2) & 1)                       # h_kv landed
+            mbarrier.wait(mixed_full.index(j % 2), (j // 2) & 1)                            # q' written
+            o = gl.zeros([D], gl.float32, COLS)
+            for chunk in gl.static_range(D // CHUNK):
+                s = ring.index(slot).slice(chunk * CHUNK, CHUNK, 0).load(LAYOUT).to(gl.float32)   # [CHUNK, D]
+                k_rows = gl.load(k_ptr + kv_row * D + chunk * CHUNK + rows).to(gl.float32) * beta
+                s = decay * s + gl.expand_dims(k_rows, 1) * gl.expand_dims(v_cols, 0)       # S' rows
+                gl.store(h_kv_out_ptr + state + chunk * CHUNK * D + piece, s.to(h_kv_out_ptr.dtype.element_ty))
+                mixed_rows = mixed.index(j % 2).slice(chunk * CHUNK, CHUNK).load(ROWS)     # q' at the rows
+                o += gl.sum(s * gl.expand_dims(mixed_rows, 1), axis=0)
+            gl.thread_barrier()                              # every warp has read the tile and q'
+            mbarrier.arrive(free.index(slot))
+            mbarrier.arrive(mixed_free.index(j % 2))
+            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
@@ -336,13 +407,16 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, q_ptr, k_ptr, v_ptr, beta_ptr,
+    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, mixed_shared, mixed_full,
+                   mixed_free, q_ptr, k_ptr, v_ptr, beta_ptr,
                    g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
-                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
+                   HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
+                   VALUE: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
-        ring (S stays in its buffer until o is computed)."""
+        ring (S stays in its buffer until o is computed). VALUE: up to q', which goes to the value partition
+        (``_ws_value``) through ``mixed_shared``."""
         RB: gl.constexpr = D // BLOCKS
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
@@ -370,12 +444,18 @@ if GLUON:
             if HAS_ALPHA:
                 mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
-            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # read again: not held in the solve
-            s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                           SLOTS, False, EARLY).to(gl.float32)                                    # [BLOCKS, RB, D]
-            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
-                              o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
+            if VALUE:    # q' to the value partition, once it has read this solver's previous one
+                mbarrier.wait(mixed_free.index(which), ((j // 2) + 1) & 1, pred=j >= 2)
+                mixed_shared.index(which).store(mixed)
+                gl.thread_barrier()
+                mbarrier.arrive(mixed_full.index(which))
+            else:
+                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
+                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
+                s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
+                               SLOTS, False, EARLY).to(gl.float32)                                # [BLOCKS, RB, D]
+                _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
+                                  o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
 
     @gluon.jit
@@ -510,7 +590,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None) -> GKAResult:
+               loader_warps=None, mirror=None, value_partition=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -529,6 +609,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
       memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
       writes h_kk' exactly symmetric).
+    - ``value_partition`` (pipelined form; default False): a third partition of 4 warps updates h_kv and
+      computes o from the solvers' q' (``_ws_value``), which takes that work off the solvers' path; it needs
+      ``loader_warps`` = 4 (the default then). Not yet measured on a GPU.
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -558,7 +641,12 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"4 warps); got D={d}")
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
-    loader_warps = loader_warps or DEFAULT_LOADER_WARPS
+    if not isinstance(value_partition, (bool, np.bool_, type(None))):
+        raise ValueError(f"value_partition={value_partition!r} is not a bool")
+    value_partition = bool(value_partition)
+    if value_partition and form != "pipelined":
+        raise ValueError(f"value_partition=True needs the pipelined form; got form={form!r}")
+    loader_warps = loader_warps or (VALUE_LOADER_WARPS if value_partition else DEFAULT_LOADER_WARPS)
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
         mirror = default_mirror(form, slots, fp32_states, int(num_iter))
@@ -569,6 +657,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
+    if value_partition and loader_warps != VALUE_LOADER_WARPS:
+        raise ValueError(f"value_partition=True needs loader_warps={VALUE_LOADER_WARPS} (4 + 4 + 4 + 4 warps fill "
+                         f"the register file exactly); got loader_warps={loader_warps}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
     g = g.astype(jnp.float32)
     present = lambda a: g if a is None else a  # noqa: E731  (an absent input's pointer is never read)
@@ -576,7 +667,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=int(mirror))
+                      MIRROR=int(mirror), VALUE=bool(value_partition), VALUE_REGS=VALUE_REGS)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
