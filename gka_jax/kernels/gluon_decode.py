@@ -285,9 +285,10 @@ if GLUON:
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
                    SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
-        once the solver has released that buffer's previous tile, in the order of t; with three buffers and
-        no mirror, the second item's h_kk comes second (before the first item's h_kv, ``_slot``). MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it
-        (52% of the bytes at D = 128)."""
+        once the solver (or the value partition) has released that buffer's previous tile, in the order of t;
+        with three buffers and no mirror, the second item's h_kk comes second (before the first item's h_kv,
+        ``_slot``). MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it (52% of
+        the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
