@@ -36,11 +36,12 @@ during the current one, measured slower than both and was removed: docs/benchmar
   h_kv buffer per solver); two solver partitions of 4 warps take the items in turn and compute each item's
   step from the ring, H held as one block of rows (``PIPELINED_BLOCKS``: a chain of 32 FMAs per column and
   thread). Loads stream while the solvers compute, so the step runs near memory speed once every SM has
-  several items (86% of the copy bandwidth at B = 128, num_iter 30, on an H200; 74-76% at B = 32, where the
-  solves stay partly exposed: docs/kernels.md). Up to num_iter 10 (``default_mirror``) the loader copies only h_kk's upper
-  triangle (16-byte chunks on or right of the diagonal: 52% of its bytes; h_kk is symmetric) and the solver
-  that takes it writes the rest from the mirror image in shared memory (``_mirror_square``), so the step
-  moves 12% fewer bytes; at num_iter 30 that made the step slower (docs/kernels.md).
+  several items (86-88% of the copy bandwidth at B = 128, num_iter 30, on an H200; 74-76% at B = 32, where
+  the solves stay partly exposed: docs/kernels.md). Up to num_iter 10 (``default_mirror``) the loader copies
+  only h_kk's upper triangle (16-byte chunks on or right of the diagonal: 52% of its bytes; h_kk is
+  symmetric) and the solver that takes it writes the rest from the mirror image in shared memory
+  (``_mirror_square``), so the step moves 12% fewer bytes; at num_iter 30 that made the step slower
+  (docs/kernels.md). ``value_partition``: a third partition takes h_kv and o off the solvers.
 - "item" (``_decode_kernel``): one program per item; S is copied to shared memory asynchronously when the
   program starts and read from there after the solve. ``MAXNREG`` caps the registers per thread (ptxas) so
   that three programs (64 KiB of shared memory each) share an SM.
