@@ -41,20 +41,31 @@ CLOCK = '''    @gluon.jit
 
 '''.replace("ROWS", str(ROWS)).replace("MARKS", str(MARKS))
 
-SOLVER_TAKE = "            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n"
+# Anchors in gluon_decode.py's source; the later entries of a tuple match earlier versions of it (the saved
+# sources that "default@PATH" names), the mark going where it went in that version.
+SOLVER_TAKE = (
+    "            h = _take_tile(ring, full.index(KK_FULL), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n",
+    "            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n")
 DECAY = "            h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'\n"
 X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))\n"
-OUTPUT = "                _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n"
-OUTPUT_BEFORE_VALUE = OUTPUT[4:]     # sources without the value partition (the call one level less indented)
+OUTPUT = (   # (the S phase one level deeper since the value partition)
+    "                _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n",
+    "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n")
 ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
 LOADER_ARGS = "(_ws_loader, (ring, full, free,"
-LOADER_FIRST_BEFORE_20D4AAF = "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,"
-LOADER_FIRST = "            if not EARLY or j != 1:\n"   # before h_kk's copies (item 1's: with item 0's)
-LOADER_KV = "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,"
-LOADER_KV_END = "                       D, SLOTS, COPY_ROWS, False, EARLY)\n"
-LOADER_KV_END_BEFORE_20D4AAF = "                       D, SLOTS, COPY_ROWS, False)\n"
+LOADER_FIRST = (   # before h_kk's copies (ORDER 2: before h_kv's, then the next h_kk)
+    "            if ORDER == 2:\n                _load_tile(",
+    "            if not EARLY or j != 1:\n",
+    "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,")
+LOADER_KV = (
+    "            if ORDER != 2:\n                _load_tile(ring, full.index(2 * (j % 2) + 1)",
+    "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,")
+LOADER_KV_END = (
+    "                           chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)\n",
+    "                       D, SLOTS, COPY_ROWS, False, EARLY)\n",
+    "                       D, SLOTS, COPY_ROWS, False)\n")
 SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"
 KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
                "                          NUM_HEADS")
@@ -68,19 +79,19 @@ def traced(text: str) -> str:
     trace [programs * ROWS * MARKS] int32 in place of x (pipelined form only)."""
     mark = lambda n, at="            ": f"{at}_mark(x_ptr, first, j, {n})\n"  # noqa: E731
     loader_mark = lambda n: f"            _mark(trace_ptr, first, j, {n})\n"  # noqa: E731
-    loader_first = LOADER_FIRST if LOADER_FIRST in text else LOADER_FIRST_BEFORE_20D4AAF
-    loader_kv_end = LOADER_KV_END if LOADER_KV_END in text else LOADER_KV_END_BEFORE_20D4AAF
-    output, output_mark = (OUTPUT, mark(4, " " * 16)) if OUTPUT in text else (OUTPUT_BEFORE_VALUE, mark(4))
+    found = lambda anchors: next(a for a in anchors if a in text)  # noqa: E731
+    output = found(OUTPUT)
+    at = lambda anchor: anchor[:len(anchor) - len(anchor.lstrip(" "))]  # noqa: E731  (its indentation)
     edits = [
-        (SOLVER_TAKE, mark(0) + SOLVER_TAKE),
+        (found(SOLVER_TAKE), mark(0) + found(SOLVER_TAKE)),
         (DECAY, mark(1) + DECAY),
         (decode_whatif.H_KK_STORE, decode_whatif.H_KK_STORE + mark(2)),
         (X_STORE, mark(3)),
-        (output, output_mark + output),
+        (output, mark(4, at(output)) + output),
         (ITEM_END, ITEM_END + mark(5)),
-        (loader_first, loader_mark(8) + loader_first),
-        (LOADER_KV, loader_mark(9) + LOADER_KV),
-        (loader_kv_end, loader_kv_end + loader_mark(10)),
+        (found(LOADER_FIRST), loader_mark(8) + found(LOADER_FIRST)),
+        (found(LOADER_KV), loader_mark(9) + found(LOADER_KV)),
+        (found(LOADER_KV_END), found(LOADER_KV_END) + loader_mark(10)),
     ]
     for old, new in edits:
         text = decode_whatif.edit_last(text, old, new)

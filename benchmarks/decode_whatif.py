@@ -14,8 +14,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
-- "value partition" (also "... without the mirror"): ``value_partition=True`` as the default (h_kv and o
-  by a partition of their own);
+- "value partition" (also "... without the mirror"), "value partition readback": ``value_partition=True``
+  / ``"readback"`` as the default (h_kv and o by a partition of their own);
 - "default@PATH" / "mirror@PATH": the kernel source at PATH (e.g. an earlier commit's gluon_decode.py, for an
   A/B in one run), as is or with the mirror at every num_iter;
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
@@ -74,8 +74,9 @@ def prefetching(text: str, distance: int) -> str:
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
 MIRROR_OFF = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = -1 ")
-VALUE_ON = ("    value_partition = bool(value_partition)\n", "    value_partition = True\n")
-H_KK_LOAD = "COPY_ROWS, MIRROR == 1, EARLY)"
+VALUE_ON = ("    value = VALUE_PARTITIONS[value_partition]", "    value = 1")
+VALUE_READBACK = ("    value = VALUE_PARTITIONS[value_partition]", "    value = 2")
+H_KK_LOAD = "COPY_ROWS, MIRROR == 1, ORDER)"
 
 
 SWIZZLED = "            RING: gl.constexpr = gl.SwizzledSharedLayout(VEC, 1, 8, [1, 0])\n"
@@ -139,6 +140,7 @@ def variants(text: str) -> dict:
     assert VALUE_ON[0] in text
     found["value partition"] = text.replace(*VALUE_ON)
     found["value partition without the mirror"] = found["value partition"].replace(*MIRROR_OFF)
+    found["value partition readback"] = text.replace(*VALUE_READBACK)
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

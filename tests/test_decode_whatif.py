@@ -20,7 +20,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 18
+    assert len(variants) == 19
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -42,12 +42,12 @@ def test_the_timeline_marks_find_their_anchors():
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
     tool = load_tool()
-    for name in ("default", "mirror"):
+    for name in ("default", "mirror", "value partition", "value partition readback"):
         text = timeline.traced(tool.variants(tool.kernel_source())[name])
         ast.parse(text)
         for mark in (0, 1, 2, 3, 4, 5):
             assert text.count(f"_mark(x_ptr, first, j, {mark})") == 1, mark
         for mark in (8, 9, 10):
             assert text.count(f"_mark(trace_ptr, first, j, {mark})") == 1, mark
-        assert "_mark(trace_ptr, first, j, 8)\n            if not EARLY or j != 1:\n" in text   # not inside the if
+        assert "_mark(trace_ptr, first, j, 8)\n            if ORDER == 2:\n" in text   # not inside the if
         assert timeline.X_STORE not in text.split("def _ws_solver")[1].split("def _item_scalars")[0]

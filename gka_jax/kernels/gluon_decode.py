@@ -77,6 +77,7 @@ PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 VALUE_REGS = 80           # pipelined form, value_partition: registers per thread of the value partition (4 warps)
 VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, none padded (16 warps)
+VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2}   # ``value_partition`` -> VALUE
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -226,10 +227,10 @@ if GLUON:
                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
                               HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
-                              MIRROR)),
+                              MIRROR, VALUE)),
                 (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale,
                              first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
-                             MIRROR))],
+                             MIRROR, VALUE))],
                 [gl.num_warps(), LOADER_WARPS, gl.num_warps()], [SOLVER_REGS, LOADER_REGS, VALUE_REGS])
         else:
             gl.warp_specialize([
@@ -242,49 +243,94 @@ if GLUON:
                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
                               HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
-                              MIRROR))],
+                              MIRROR, VALUE))],
                 [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_value(ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale, first,
                   stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
-                  D: gl.constexpr, HAS_BETA: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr):
-        """The value partition (VALUE): for the program's items in order, S' = exp(g) S + k v^T from the h_kv
-        tile (stored to h_kv_out) and o = scale S'^T q' once the item's solver has handed over q', in row
-        chunks of CHUNK rows (few registers: the solvers keep theirs); then the tile's buffer is released."""
+                  D: gl.constexpr, HAS_BETA: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
+                  VALUE: gl.constexpr):
+        """The value partition: for the program's items in order, S' = exp(g) S + k v^T from the h_kv tile
+        (stored to h_kv_out) and o = scale S'^T q' once the item's solver has handed over q', in chunks of
+        CHUNK rows (few registers: the solvers keep theirs). VALUE 1: one pass once q' is there, then the tile's
+        buffer is released. VALUE 2 (readback): S' as soon as the tile lands (item j + 1's before item j's o),
+        the buffer released at once, and o from S' read back from global memory (its own stores, mostly in L2)."""
         CHUNK: gl.constexpr = 32
         LAYOUT: gl.constexpr = gl.BlockedLayout([CHUNK // 4, 4], [4, 8], [1, gl.num_warps()], [1, 0])  # [CHUNK, D]
         ROWS: gl.constexpr = gl.SliceLayout(1, LAYOUT)
         COLS: gl.constexpr = gl.SliceLayout(0, LAYOUT)
-        EARLY: gl.constexpr = SLOTS == 3 and MIRROR == 0      # the loader's order (``_slot``)
+        ORDER: gl.constexpr = _ring_order(SLOTS, MIRROR, VALUE)     # the loader's order (``_slot``)
         rows = gl.arange(0, CHUNK, layout=ROWS)
         cols = gl.arange(0, D, layout=COLS)
         piece = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                     # [CHUNK, D]
-        for j in range(count):
-            item = first + j * stride
-            kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_ptr, NUM_HEADS, GROUP, D, HAS_BETA,
-                                                      False)
-            v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
-            decay = gl.exp(g)
-            slot, _ = _slot(2 * j + 1, SLOTS, EARLY)
-            mbarrier.wait(full.index(2 * (j % 2) + 1), (j // 2) & 1)                       # h_kv landed
-            mbarrier.wait(mixed_full.index(j % 2), (j // 2) & 1)                            # q' written
-            o = gl.zeros([D], gl.float32, COLS)
-            for chunk in gl.static_range(D // CHUNK):
-                s = ring.index(slot).slice(chunk * CHUNK, CHUNK, 0).load(LAYOUT).to(gl.float32)   # [CHUNK, D]
-                k_rows = gl.load(k_ptr + kv_row * D + chunk * CHUNK + rows).to(gl.float32) * beta
-                s = decay * s + gl.expand_dims(k_rows, 1) * gl.expand_dims(v_cols, 0)       # S' rows
-                gl.store(h_kv_out_ptr + state + chunk * CHUNK * D + piece, s.to(h_kv_out_ptr.dtype.element_ty))
-                mixed_rows = mixed.index(j % 2).slice(chunk * CHUNK, CHUNK).load(ROWS)     # q' at the rows
-                o += gl.sum(s * gl.expand_dims(mixed_rows, 1), axis=0)
-            gl.thread_barrier()                              # every warp has read the tile and q'
-            mbarrier.arrive(free.index(slot))
-            mbarrier.arrive(mixed_free.index(j % 2))
-            gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+        if VALUE == 2:
+            if count > 0:
+                _value_update(ring, full, free, k_ptr, v_ptr, beta_ptr, g_ptr, first, stride, 0, h_kv_out_ptr, rows,
+                              cols, piece, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS, ORDER, CHUNK, LAYOUT)
+            for j in range(count):
+                if j + 1 < count:
+                    _value_update(ring, full, free, k_ptr, v_ptr, beta_ptr, g_ptr, first, stride, j + 1, h_kv_out_ptr,
+                                  rows, cols, piece, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS, ORDER, CHUNK, LAYOUT)
+                item = first + j * stride
+                state = item.to(gl.int64) * (D * D)
+                mbarrier.wait(mixed_full.index(j % 2), (j // 2) & 1)                        # q' written
+                o = gl.zeros([D], gl.float32, COLS)
+                for chunk in gl.static_range(D // CHUNK):
+                    # the rows this thread stored in _value_update: its own writes, in program order
+                    s = gl.load(h_kv_out_ptr + state + chunk * CHUNK * D + piece).to(gl.float32)   # [CHUNK, D]
+                    mixed_rows = mixed.index(j % 2).slice(chunk * CHUNK, CHUNK).load(ROWS)
+                    o += gl.sum(s * gl.expand_dims(mixed_rows, 1), axis=0)
+                gl.thread_barrier()                          # every warp has read q'
+                mbarrier.arrive(mixed_free.index(j % 2))
+                gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+        else:
+            for j in range(count):
+                item = first + j * stride
+                kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_ptr, NUM_HEADS, GROUP, D,
+                                                          HAS_BETA, False)
+                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
+                decay = gl.exp(g)
+                slot, _ = _slot(2 * j + 1, SLOTS, ORDER)
+                mbarrier.wait(full.index(2 * (j % 2) + 1), (j // 2) & 1)                   # h_kv landed
+                mbarrier.wait(mixed_full.index(j % 2), (j // 2) & 1)                        # q' written
+                o = gl.zeros([D], gl.float32, COLS)
+                for chunk in gl.static_range(D // CHUNK):
+                    s = ring.index(slot).slice(chunk * CHUNK, CHUNK, 0).load(LAYOUT).to(gl.float32)   # [CHUNK, D]
+                    k_rows = gl.load(k_ptr + kv_row * D + chunk * CHUNK + rows).to(gl.float32) * beta
+                    s = decay * s + gl.expand_dims(k_rows, 1) * gl.expand_dims(v_cols, 0)   # S' rows
+                    gl.store(h_kv_out_ptr + state + chunk * CHUNK * D + piece, s.to(h_kv_out_ptr.dtype.element_ty))
+                    mixed_rows = mixed.index(j % 2).slice(chunk * CHUNK, CHUNK).load(ROWS)  # q' at the rows
+                    o += gl.sum(s * gl.expand_dims(mixed_rows, 1), axis=0)
+                gl.thread_barrier()                          # every warp has read the tile and q'
+                mbarrier.arrive(free.index(slot))
+                mbarrier.arrive(mixed_free.index(j % 2))
+                gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+
+    @gluon.jit
+    def _value_update(ring, full, free, k_ptr, v_ptr, beta_ptr, g_ptr, first, stride, j, h_kv_out_ptr, rows, cols,
+                      piece, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, HAS_BETA: gl.constexpr,
+                      SLOTS: gl.constexpr, ORDER: gl.constexpr, CHUNK: gl.constexpr, LAYOUT: gl.constexpr):
+        """VALUE 2: item j's S' = exp(g) S + k v^T from its h_kv tile (full barrier 2), stored to h_kv_out; the
+        tile's buffer is released."""
+        item = first + j * stride
+        kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_ptr, NUM_HEADS, GROUP, D, HAS_BETA,
+                                                  False)
+        v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta                   # [D]
+        decay = gl.exp(g)
+        slot, _ = _slot(2 * j + 1, SLOTS, ORDER)
+        mbarrier.wait(full.index(2), j & 1)                                                  # h_kv landed
+        for chunk in gl.static_range(D // CHUNK):
+            s = ring.index(slot).slice(chunk * CHUNK, CHUNK, 0).load(LAYOUT).to(gl.float32)  # [CHUNK, D]
+            k_rows = gl.load(k_ptr + kv_row * D + chunk * CHUNK + rows).to(gl.float32) * beta
+            s = decay * s + gl.expand_dims(k_rows, 1) * gl.expand_dims(v_cols, 0)           # S' rows
+            gl.store(h_kv_out_ptr + state + chunk * CHUNK * D + piece, s.to(h_kv_out_ptr.dtype.element_ty))
+        gl.thread_barrier()                                  # every warp has read the tile
+        mbarrier.arrive(free.index(slot))
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver (or the value partition) has released that buffer's previous tile, in the order of t;
         with three buffers and no mirror, the second item's h_kk comes second (before the first item's h_kv,
@@ -296,17 +342,30 @@ if GLUON:
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, COPY))
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
-        EARLY: gl.constexpr = SLOTS == 3 and MIRROR == 0
+        ORDER: gl.constexpr = _ring_order(SLOTS, MIRROR, VALUE)
+        if ORDER == 2:   # both solvers' first h_kk, then item j's h_kv and item j + 2's h_kk in turn
+            for ahead in gl.static_range(2):
+                if ahead < count:
+                    _load_tile(ring, full.index(ahead), free, 2 * ahead,
+                               h_kk_ptr + (first + ahead * stride).to(gl.int64) * (D * D), offsets, chunk_ends, D,
+                               SLOTS, COPY_ROWS, False, ORDER)
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
-            if not EARLY or j != 1:
+            if ORDER == 2:
+                _load_tile(ring, full.index(2), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends, D, SLOTS,
+                           COPY_ROWS, False, ORDER)
+                if j + 2 < count:
+                    _load_tile(ring, full.index(j % 2), free, 2 * j + 4, h_kk_ptr + state + 2 * stride * (D * D),
+                               offsets, chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
+            elif ORDER != 1 or j != 1:
                 _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                           SLOTS, COPY_ROWS, MIRROR == 1, EARLY)
-            if EARLY and j == 0 and count > 1:        # item 1's h_kk, early
+                           SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
+            if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early
                 _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
-                           D, SLOTS, COPY_ROWS, MIRROR == 1, EARLY)
-            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends,
-                       D, SLOTS, COPY_ROWS, False, EARLY)
+                           D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
+            if ORDER != 2:
+                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets,
+                           chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
 
     @gluon.jit
     def _mirror_square(buffer):
@@ -350,23 +409,33 @@ if GLUON:
         buffer.slice(row_block * 32, 32, 0).slice(col_start, values.shape[1], 1).store(values)
 
     @gluon.jit
-    def _slot(tile, SLOTS: gl.constexpr, EARLY: gl.constexpr):
+    def _slot(tile, SLOTS: gl.constexpr, ORDER: gl.constexpr):
         """(buffer, its use number) of tile t = 2 j (+ 1: h_kv) of the program's j-th item. Two buffers: t % 2,
         t // 2. Three: h_kk in buffer 0 and item j's h_kv in 1 + j % 2, one h_kv buffer per solver, so that a
         solver's next h_kv can load during its own solve (the default: 84 against 88 us at B = 32, num_iter 30
-        on an H200, docs/benchmarks.md). EARLY (three buffers without the mirror): item 1's h_kk goes to
-        buffer 2 (before item 1's h_kv), so that both solvers' first h_kk load at once (83.7-83.9 against
+        on an H200, docs/benchmarks.md). ORDER 1 (three buffers without the mirror, ``_ring_order``): item 1's
+        h_kk goes to buffer 2 (before item 1's h_kv), so that both solvers' first h_kk load at once (83.7-83.9 against
         84.6-85.2 us at B = 32, 290.5 against 294.3 at B = 128, num_iter 30; with the mirror, 72.6 against 70.7
         at B = 32, num_iter 10).
 
+        ORDER 2 (``value_partition="readback"``): each solver's h_kk in a buffer of its own (j % 2), every h_kv
+        in buffer 2 (the value partition releases it as soon as h_kv' is written).
+
         Phases stay safe (a full barrier's waiter never falls two phases behind): item j + 2's h_kk needs item
         j + 1's released, which was loaded after item j's release (or, for item 3, after item 1's h_kv, which
-        needs item 1's h_kk released); item j + 2's h_kv needs item j's h_kv released."""
+        needs item 1's h_kk released); item j + 2's h_kv needs item j's h_kv released. ORDER 2 (full barriers
+        0 / 1 for the solvers' h_kk, 2 for h_kv): item j + 2's h_kk needs item j's taken, item j + 1's h_kv
+        item j's released."""
         if SLOTS == 2:
             return tile % 2, tile // 2
         else:
             j = tile // 2
-            if not EARLY:
+            if ORDER == 2:
+                if tile % 2 == 0:
+                    return j % 2, j // 2
+                else:
+                    return 2 + 0 * j, j
+            elif ORDER == 0:
                 if tile % 2 == 0:
                     return 0, j
                 else:
@@ -378,11 +447,11 @@ if GLUON:
 
     @gluon.jit
     def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr, EARLY: gl.constexpr):
+                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr, ORDER: gl.constexpr):
         """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
         lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
         are zero-filled, reading nothing)."""
-        slot, use = _slot(tile, SLOTS, EARLY)
+        slot, use = _slot(tile, SLOTS, ORDER)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
         buffer = ring.index(slot)
         for row in gl.static_range(0, D, COPY_ROWS):
@@ -395,10 +464,10 @@ if GLUON:
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
-                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr, EARLY: gl.constexpr):
+                   D: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr, ORDER: gl.constexpr):
         """Wait for tile ``tile`` (phase ``phase`` of ``full``), load it into registers as [BLOCKS, RB, D] and
         release its buffer; MIRROR: the buffer holds the upper triangle, mirrored first."""
-        slot, _ = _slot(tile, SLOTS, EARLY)
+        slot, _ = _slot(tile, SLOTS, ORDER)
         mbarrier.wait(full, phase & 1)
         if MIRROR == 1:
             _mirror_square(ring.index(slot))
@@ -423,7 +492,8 @@ if GLUON:
         L3: gl.constexpr = _state_layout(D, BLOCKS, LANES, gl.num_warps())
         ROW: gl.constexpr = gl.SliceLayout(2, L3)
         COL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
-        EARLY: gl.constexpr = SLOTS == 3 and MIRROR == 0      # the loader's order (``_slot``)
+        ORDER: gl.constexpr = _ring_order(SLOTS, MIRROR, VALUE)     # the loader's order (``_slot``)
+        KK_FULL: gl.constexpr = which if ORDER == 2 else 2 * which   # the full barrier of this solver's h_kk
         rows = (gl.expand_dims(gl.arange(0, BLOCKS, layout=gl.SliceLayout(1, ROW)), 1) * RB
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
@@ -436,8 +506,8 @@ if GLUON:
             k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
             k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
-            h = _take_tile(ring, full.index(2 * (j % 2)), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
-                           MIRROR, EARLY).to(gl.float32)
+            h = _take_tile(ring, full.index(KK_FULL), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
+                           MIRROR, ORDER).to(gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
             x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
@@ -455,7 +525,7 @@ if GLUON:
                 v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
                 k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
                 s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
-                               SLOTS, False, EARLY).to(gl.float32)                                # [BLOCKS, RB, D]
+                               SLOTS, False, ORDER).to(gl.float32)                                # [BLOCKS, RB, D]
                 _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                                   o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
@@ -492,6 +562,14 @@ if GLUON:
         mixed_all = iterate.reshape([BLOCKS, RB]).load(ROW)
         o = gl.sum(gl.sum(s * gl.expand_dims(mixed_all, 2), axis=0), axis=0)                # [D]
         gl.store(o_out, (scale * o).to(o_out.dtype.element_ty))
+
+    @gluon.constexpr_function
+    def _ring_order(SLOTS, MIRROR, VALUE):
+        """How the pipelined form maps tiles to buffers (``_slot``): 0 in turn (two buffers, or three with the
+        mirror), 1 item 1's h_kk early (three buffers), 2 two h_kk buffers and one h_kv (VALUE 2)."""
+        if VALUE == 2:
+            return 2
+        return 1 if SLOTS == 3 and MIRROR == 0 else 0
 
     @gluon.constexpr_function
     def _state_layout(D, BLOCKS, LANES, WARPS):
@@ -611,9 +689,12 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
       memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
       writes h_kk' exactly symmetric).
-    - ``value_partition`` (pipelined form; default False): a third partition of 4 warps updates h_kv and
-      computes o from the solvers' q' (``_ws_value``), which takes that work off the solvers' path; it needs
-      ``loader_warps`` = 4 (the default then). Not yet measured on a GPU.
+    - ``value_partition`` (pipelined form; ``VALUE_PARTITIONS``, default None): a third partition of 4 warps
+      updates h_kv and computes o from the solvers' q' (``_ws_value``), which takes that work off the
+      solvers' path; it needs ``loader_warps`` = 4 (the default then). True / "resident": h_kv's tile stays
+      in its buffer until o; "readback" (three buffers, no mirror): h_kv' is written as soon as the tile
+      lands and o computed from it read back, so that one h_kv buffer is enough and each solver gets an h_kk
+      buffer of its own. Not yet measured on a GPU.
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -643,15 +724,16 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"4 warps); got D={d}")
     if slots not in RING_SLOTS:
         raise ValueError(f"slots={slots} is not one of {RING_SLOTS}")
-    if not isinstance(value_partition, (bool, np.bool_, type(None))):
-        raise ValueError(f"value_partition={value_partition!r} is not a bool")
-    value_partition = bool(value_partition)
-    if value_partition and form != "pipelined":
+    if not any(value_partition is mode or (isinstance(value_partition, str) and value_partition == mode)
+               for mode in VALUE_PARTITIONS):
+        raise ValueError(f"value_partition={value_partition!r} is not one of {tuple(VALUE_PARTITIONS)}")
+    value = VALUE_PARTITIONS[value_partition]          # 0 none, 1 resident, 2 readback
+    if value and form != "pipelined":
         raise ValueError(f"value_partition=True needs the pipelined form; got form={form!r}")
-    loader_warps = loader_warps or (VALUE_LOADER_WARPS if value_partition else DEFAULT_LOADER_WARPS)
+    loader_warps = loader_warps or (VALUE_LOADER_WARPS if value else DEFAULT_LOADER_WARPS)
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
-        mirror = default_mirror(form, slots, fp32_states, int(num_iter))
+        mirror = value != 2 and default_mirror(form, slots, fp32_states, int(num_iter))
     if not isinstance(mirror, (bool, np.bool_)):
         raise ValueError(f"mirror={mirror!r} is not a bool")
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
@@ -659,7 +741,10 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
-    if value_partition and loader_warps != VALUE_LOADER_WARPS:
+    if value == 2 and (slots != 3 or mirror):
+        raise ValueError(f"value_partition='readback' needs slots=3 without the mirror; got slots={slots}, "
+                         f"mirror={mirror}")
+    if value and loader_warps != VALUE_LOADER_WARPS:
         raise ValueError(f"value_partition=True needs loader_warps={VALUE_LOADER_WARPS} (4 + 4 + 4 + 4 warps fill "
                          f"the register file exactly); got loader_warps={loader_warps}")
     programs = num_items if form == "item" else min(num_items, _multiprocessors())
@@ -669,7 +754,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=int(mirror), VALUE=bool(value_partition), VALUE_REGS=VALUE_REGS)
+                      MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
