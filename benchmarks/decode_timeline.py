@@ -5,9 +5,11 @@ the SM's cycle counter (``%clock``) at each stage of each item into an extra int
 written in the traced kernel). Marks per item j of a program (a row of the trace):
 
 - solver: 0 before waiting for h_kk's tile, 1 h_kk in registers, 2 h_kk' stored (issued), 3 solve done,
-  4 h_kv in registers, 5 item done;
+  4 h_kv in registers (with a value partition: before handing q' over, so that "wait h_kv + take" is nil and
+  "output + h_kv' store" is the hand-over), 5 item done;
 - loader: 8 before h_kk's copies (it first waits for the buffer's release), 9 h_kk's copies issued,
-  10 h_kv's copies issued.
+  10 h_kv's copies issued (with value_partition="readback": 8 before item j's h_kv and item j + 2's h_kk,
+  9 = 10 after them).
 
 It prints, per case, the mean per item of the solver's stages in microseconds (cycles over the SM clock, from
 the kernel's GPU time) and how much of the program's time both solvers spent in their solves at once; the raw
@@ -51,6 +53,7 @@ X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.elemen
 OUTPUT = (   # (the S phase one level deeper since the value partition)
     "                _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n",
     "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n")
+HANDOFF = "                mbarrier.wait(mixed_free.index(which), ((j // 2) + 1) & 1, pred=j >= 2)\n"
 ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
 LOADER_DEF = "    def _ws_loader(ring, full, free,"
@@ -88,6 +91,7 @@ def traced(text: str) -> str:
         (decode_whatif.H_KK_STORE, decode_whatif.H_KK_STORE + mark(2)),
         (X_STORE, mark(3)),
         (output, mark(4, at(output)) + output),
+        *([(HANDOFF, mark(4, at(HANDOFF)) + HANDOFF)] if HANDOFF in text else []),   # the value partition's
         (ITEM_END, ITEM_END + mark(5)),
         (found(LOADER_FIRST), loader_mark(8) + found(LOADER_FIRST)),
         (found(LOADER_KV), loader_mark(9) + found(LOADER_KV)),
