@@ -425,7 +425,8 @@ if GLUON:
         j + 1's released, which was loaded after item j's release (or, for item 3, after item 1's h_kv, which
         needs item 1's h_kk released); item j + 2's h_kv needs item j's h_kv released. ORDER 2 (full barriers
         0 / 1 for the solvers' h_kk, 2 for h_kv): item j + 2's h_kk needs item j's taken, item j + 1's h_kv
-        item j's released."""
+        item j's released. tests/test_decode_ring_protocol.py model-checks these orders (and the partitions'
+        waits) under random interleavings."""
         if SLOTS == 2:
             return tile % 2, tile // 2
         else:
