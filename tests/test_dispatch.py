@@ -187,6 +187,9 @@ def test_gluon_options_are_refused_by_the_pallas_decode():
     with pytest.raises(ValueError, match="mirror, slots: tuning of the Gluon decode kernel"):
         kernels.gka_decode(q, k, k, beta, beta, None, h, h, num_iter=1, ridge_strength=0.02, scale=0.25,
                            backend="pallas_interpret", slots=3, mirror=True)
+    with pytest.raises(ValueError, match="value_partition: tuning of the Gluon decode kernel"):
+        kernels.gka_decode(q, k, k, beta, beta, None, h, h, num_iter=1, ridge_strength=0.02, scale=0.25,
+                           backend="pallas_interpret", value_partition="readback")
 
 
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):
