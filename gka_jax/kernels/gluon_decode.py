@@ -215,7 +215,8 @@ if GLUON:
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
-        # (constexprs lose their kind in a tuple variable: each partition's arguments are written out)
+        # Both calls written out: Gluon's frontend holds neither a partition list (functions) nor an argument
+        # tuple (constexprs lose their kind) in a variable, so the common partitions cannot be shared.
         if VALUE:
             gl.warp_specialize([
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
