@@ -12,6 +12,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   does so up to ``MIRROR_MAX_ITER``);
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
+- "spread store N": ``spread_store=N`` as the default (h_kk' stored in N parts over the solve);
+- "swapped solvers" (also "..., spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
 - "value partition" (also "... without the mirror"), "value partition readback": ``value_partition=True``
@@ -40,9 +42,13 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SOLVE = "            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)\n"
+SOLVE = ("            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, "
+         "h_kk_out_ptr + state + square,\n                       rows, SPREAD)\n")
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
+NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the body of an ``if``)
+SPREAD_DEFAULT = "DEFAULT_SPREAD = 0\n"
+PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
 LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
 PREFETCH = '''    @gluon.jit
     def _prefetch_l2(source):
@@ -110,6 +116,18 @@ def upper_store(text: str) -> str:
     return edit_last(text, H_KK_STORE, H_KK_STORE.replace(*UPPER_STORE))
 
 
+def swapped(text: str) -> str:
+    """The default partition (warps 0-3, which the warp schedulers seem to favour: solver 0 solves faster and
+    ends first) runs solver 1's items, and the first worker solver 0's."""
+    head, _, tail = text.rpartition(PLAIN_SOLVERS)
+    assert head
+    zero = "(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b,"
+    one = "(_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b,"
+    assert zero in tail and one in tail
+    tail = tail.replace(zero, "@ZERO@", 1).replace(one, zero, 1).replace("@ZERO@", one, 1)
+    return head + PLAIN_SOLVERS + tail
+
+
 def swizzled(text: str) -> str:
     return text.replace(PLAIN, PLAIN.replace("(1, 1, 1,", "(4, 1, 8,"))
 
@@ -125,8 +143,8 @@ def variants(text: str) -> dict:
     found = {
         "default": text,
         "no h_kv' store": text.replace(H_KV_STORE, ""),
-        "no h_kk' store": edit_last(text, H_KK_STORE, ""),
-        "no stores": edit_last(text.replace(H_KV_STORE, ""), H_KK_STORE, ""),
+        "no h_kk' store": edit_last(text, H_KK_STORE, NO_STORE),
+        "no stores": edit_last(text.replace(H_KV_STORE, ""), H_KK_STORE, NO_STORE),
         "tail solves num_iter 0": edit_last(text, SOLVE, tail),
         **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
         "mirror": text.replace(*MIRROR_ON),
@@ -141,6 +159,10 @@ def variants(text: str) -> dict:
     found["value partition"] = text.replace(*VALUE_ON)
     found["value partition without the mirror"] = found["value partition"].replace(*MIRROR_OFF)
     found["value partition readback"] = text.replace(*VALUE_READBACK)
+    for parts in (2, 4, 8):
+        found[f"spread store {parts}"] = text.replace(SPREAD_DEFAULT, f"DEFAULT_SPREAD = {parts}\n")
+    found["swapped solvers"] = swapped(text)
+    found["swapped solvers, spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found

@@ -54,7 +54,7 @@ KERNELS = {
                        COPY_ROWS=8,
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS, MIRROR=0, VALUE=0,
-                       VALUE_REGS=gluon_decode.VALUE_REGS),
+                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=gluon_decode.DEFAULT_SPREAD),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")

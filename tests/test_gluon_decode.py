@@ -103,6 +103,17 @@ def test_value_partition_item_counts(b, num_iter, mode, mirror, slots):
     assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
 
 
+@pytest.mark.parametrize("b, num_iter, spread, mirror, slots", [
+    (1, 30, 4, False, 3), (33, 10, 2, True, 3), (301, 30, 4, False, 3), (67, 0, 4, False, 3),
+    (40, 29, 8, False, 2), (301, 1, 8, False, 3), (134, 30, 1, False, 3), (33, 3, 4, False, 3)])
+def test_spread_store_writes_all_of_h_kk(b, num_iter, spread, mirror, slots):
+    """spread_store: h_kk' stored in parts between runs of the solve's iterations (fewer iteration pairs
+    than parts, none, odd counts), 1 to 10 items per program; h_kk' must be whole and exact."""
+    args = decode_inputs(61, b=b, d=128, g_kk=b % 2 == 1)
+    got = run_gluon(args, num_iter, form="pipelined", spread_store=spread, mirror=mirror, slots=slots)
+    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
+
+
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
@@ -128,6 +139,10 @@ def test_pipelined_options_are_checked():
         run_gluon(args, 10, form="pipelined", value_partition="readback", mirror=True)
     with pytest.raises(ValueError, match="value_partition='readback' needs slots=3 without the mirror"):
         run_gluon(args, 10, form="pipelined", value_partition="readback", slots=2)
+    with pytest.raises(ValueError, match="spread_store=3 is not one of"):
+        run_gluon(args, 10, form="pipelined", spread_store=3)
+    with pytest.raises(ValueError, match="spread_store=4 needs the pipelined form"):
+        run_gluon(args, 10, form="item", spread_store=4)
 
 
 def test_zero_state_first_token():

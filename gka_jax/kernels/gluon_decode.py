@@ -78,6 +78,8 @@ SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of t
 VALUE_REGS = 80           # pipelined form, value_partition: registers per thread of the value partition (4 warps)
 VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, none padded (16 warps)
 VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2}   # ``value_partition`` -> VALUE
+SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many parts over the solve (0: before it)
+DEFAULT_SPREAD = 0
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -131,7 +133,7 @@ if GLUON:
             gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
 
             q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
-            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
+            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, h_kk_out_ptr, rows, 0)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
@@ -158,7 +160,7 @@ if GLUON:
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                           LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr,
-                          VALUE_REGS: gl.constexpr):
+                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -222,11 +224,11 @@ if GLUON:
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
                               v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
                 (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
                               v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
                               MIRROR, VALUE)),
                 (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale,
@@ -238,11 +240,11 @@ if GLUON:
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
                               v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
                 (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
                               v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
                               x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE)),
+                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
                               MIRROR, VALUE))],
                 [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
@@ -486,7 +488,7 @@ if GLUON:
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                    HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
-                   VALUE: gl.constexpr):
+                   VALUE: gl.constexpr, SPREAD: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed). VALUE: up to q', which goes to the value partition
         (``_ws_value``) through ``mixed_shared``."""
@@ -511,8 +513,10 @@ if GLUON:
             h = _take_tile(ring, full.index(KK_FULL), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
                            MIRROR, ORDER).to(gl.float32)
             h = _decay_add_outer(h, g_kk, k_rows, k_cols)                                   # H'
-            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
-            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW)
+            if SPREAD == 0:
+                gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))
+            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, h_kk_out_ptr + state + square,
+                       rows, SPREAD)
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
@@ -584,9 +588,19 @@ if GLUON:
 
     @gluon.jit
     def _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr,
-               RB: gl.constexpr, ROW: gl.constexpr):
-        """x = Chebyshev(NUM_ITER) solution of (h + ridge ||h||_F I) x = q (``reference._chebyshev``)."""
+               RB: gl.constexpr, ROW: gl.constexpr, h_out, rows, SPREAD: gl.constexpr):
+        """x = Chebyshev(NUM_ITER) solution of (h + ridge ||h||_F I) x = q (``reference._chebyshev``).
+
+        SPREAD > 0: h is also stored at ``h_out`` [BLOCKS, RB, D] in SPREAD parts, one before each of SPREAD
+        runs of the iterations, so that the stores drain while the loop runs instead of stalling the solver
+        before it (part s: the rows r with (r mod 32) // (32 / SPREAD) = s, which at D = 128 are 32 / SPREAD
+        rows of each thread's 32, so the masks are constants). SPREAD 0: the caller stores h."""
         x = q
+        if SPREAD > 0:
+            part = gl.expand_dims((rows % 32) // (32 // SPREAD), 2)                          # [BLOCKS, RB, 1]
+        if NUM_ITER == 0 and SPREAD > 0:
+            for s in gl.static_range(SPREAD):
+                gl.store(h_out, h.to(h_out.dtype.element_ty), mask=part == s)
         if NUM_ITER > 0:
             fro = gl.sqrt(gl.sum(gl.sum(gl.sum(h * h, axis=0), axis=0), axis=0))
             fro = gl.where(fro > 0, fro, 1.0)       # H == 0 (no key yet): as reference._chebyshev
@@ -598,11 +612,20 @@ if GLUON:
             x_prev = gl.zeros_like(x)
             omega = 2.0
             iterate_a.store(x)
-            for _ in range(NUM_ITER // 2):     # two iterations: a -> b, b -> a
-                x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
-                                                   rho_sq_4, BLOCKS, RB, ROW)
-                x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam, step,
-                                                   rho_sq_4, BLOCKS, RB, ROW)
+            if SPREAD == 0:
+                for _ in range(NUM_ITER // 2):     # two iterations: a -> b, b -> a
+                    x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
+                                                       rho_sq_4, BLOCKS, RB, ROW)
+                    x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam, step,
+                                                       rho_sq_4, BLOCKS, RB, ROW)
+            else:
+                for s in gl.static_range(SPREAD):   # part s of h, then its share of the iteration pairs
+                    gl.store(h_out, h.to(h_out.dtype.element_ty), mask=part == s)
+                    for _ in range(NUM_ITER // 2 // SPREAD + (s < (NUM_ITER // 2) % SPREAD)):
+                        x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam,
+                                                           step, rho_sq_4, BLOCKS, RB, ROW)
+                        x, x_prev, omega = _chebyshev_step(h, iterate_b, iterate_a, x, x_prev, omega, q, lam,
+                                                           step, rho_sq_4, BLOCKS, RB, ROW)
             if NUM_ITER % 2 == 1:
                 x, x_prev, omega = _chebyshev_step(h, iterate_a, iterate_b, x, x_prev, omega, q, lam, step,
                                                    rho_sq_4, BLOCKS, RB, ROW)
@@ -672,7 +695,7 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None, value_partition=None) -> GKAResult:
+               loader_warps=None, mirror=None, value_partition=None, spread_store=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -696,7 +719,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       solvers' path; it needs ``loader_warps`` = 4 (the default then). True / "resident": h_kv's tile stays
       in its buffer until o; "readback" (three buffers, no mirror): h_kv' is written as soon as the tile
       lands and o computed from it read back, so that one h_kv buffer is enough and each solver gets an h_kk
-      buffer of its own. Not yet measured on a GPU.
+      buffer of its own. Measured slower than without (docs/benchmarks.md).
+    - ``spread_store`` (pipelined form; ``SPREAD_PARTS``, default ``DEFAULT_SPREAD``): h_kk' stored in this
+      many parts, one before each run of the solve's iterations (``_solve``), rather than all before the solve.
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -746,6 +771,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if value == 2 and (slots != 3 or mirror):
         raise ValueError(f"value_partition='readback' needs slots=3 without the mirror; got slots={slots}, "
                          f"mirror={mirror}")
+    spread_store = DEFAULT_SPREAD if spread_store is None else spread_store
+    if spread_store not in SPREAD_PARTS or isinstance(spread_store, bool):
+        raise ValueError(f"spread_store={spread_store!r} is not one of {SPREAD_PARTS}")
+    if spread_store and form != "pipelined":
+        raise ValueError(f"spread_store={spread_store} needs the pipelined form; got form={form!r}")
     if value and loader_warps != VALUE_LOADER_WARPS:
         raise ValueError(f"value_partition=True needs loader_warps={VALUE_LOADER_WARPS} (4 + 4 + 4 + 4 warps fill "
                          f"the register file exactly); got loader_warps={loader_warps}")
@@ -756,7 +786,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS)
+                      MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS, SPREAD=spread_store)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
