@@ -13,7 +13,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "spread store N": ``spread_store=N`` as the default (h_kk' stored in N parts over the solve);
-- "swapped solvers" (also "..., spread store 4"): the first solver partition (warps 0-3) takes the odd items;
+- "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
 - "value partition" (also "... without the mirror"), "value partition readback": ``value_partition=True``
@@ -162,7 +162,7 @@ def variants(text: str) -> dict:
     for parts in (2, 4, 8):
         found[f"spread store {parts}"] = text.replace(SPREAD_DEFAULT, f"DEFAULT_SPREAD = {parts}\n")
     found["swapped solvers"] = swapped(text)
-    found["swapped solvers, spread store 4"] = swapped(found["spread store 4"])
+    found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
         found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
     return found
