@@ -13,6 +13,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "spread store N": ``spread_store=N`` as the default (h_kk' stored in N parts over the solve);
+- "inputs ahead" (also "spread store 4 with ...", "value partition with spread store 4 [and inputs ahead]"):
+  ``inputs_ahead=True`` as the default (each solver loads its next item's inputs during the current one);
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
   fixed delay on the solver's path cost what the mirror costs?);
@@ -48,6 +50,7 @@ H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
 NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the body of an ``if``)
 SPREAD_DEFAULT = "DEFAULT_SPREAD = 0\n"
+AHEAD_ON = ("DEFAULT_INPUTS_AHEAD = False ", "DEFAULT_INPUTS_AHEAD = True ")
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
 LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
 PREFETCH = '''    @gluon.jit
@@ -121,8 +124,8 @@ def swapped(text: str) -> str:
     ends first) runs solver 1's items, and the first worker solver 0's."""
     head, _, tail = text.rpartition(PLAIN_SOLVERS)
     assert head
-    zero = "(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b,"
-    one = "(_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b,"
+    zero = "(_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0,"
+    one = "(_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1,"
     assert zero in tail and one in tail
     tail = tail.replace(zero, "@ZERO@", 1).replace(one, zero, 1).replace("@ZERO@", one, 1)
     return head + PLAIN_SOLVERS + tail
@@ -161,6 +164,11 @@ def variants(text: str) -> dict:
     found["value partition readback"] = text.replace(*VALUE_READBACK)
     for parts in (2, 4, 8):
         found[f"spread store {parts}"] = text.replace(SPREAD_DEFAULT, f"DEFAULT_SPREAD = {parts}\n")
+    found["inputs ahead"] = text.replace(*AHEAD_ON)
+    found["spread store 4 with inputs ahead"] = found["spread store 4"].replace(*AHEAD_ON)
+    found["value partition with spread store 4"] = found["spread store 4"].replace(*VALUE_ON)
+    value_spread = found["value partition with spread store 4"]
+    found["value partition with spread store 4 and inputs ahead"] = value_spread.replace(*AHEAD_ON)
     found["swapped solvers"] = swapped(text)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):

@@ -114,6 +114,18 @@ def test_spread_store_writes_all_of_h_kk(b, num_iter, spread, mirror, slots):
     assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
 
 
+@pytest.mark.parametrize("b, num_iter, spread, no_beta, no_alpha, value", [
+    (1, 30, 4, False, False, False), (33, 10, 0, True, False, False), (301, 30, 4, False, True, False),
+    (67, 0, 0, False, False, False), (40, 29, 4, True, True, False), (134, 30, 0, False, False, True)])
+def test_inputs_ahead_item_counts(b, num_iter, spread, no_beta, no_alpha, value):
+    """inputs_ahead (each solver's next item's inputs loaded during the current one; k to its rows through
+    shared memory) with 1 to 10 items per program, absent beta / alpha, and with the value partition."""
+    args = decode_inputs(71, b=b, d=128, g_kk=b % 2 == 1)
+    args = dict(args, beta=None if no_beta else args["beta"], alpha=None if no_alpha else args["alpha"])
+    got = run_gluon(args, num_iter, form="pipelined", inputs_ahead=True, spread_store=spread, value_partition=value)
+    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
+
+
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
@@ -143,6 +155,10 @@ def test_pipelined_options_are_checked():
         run_gluon(args, 10, form="pipelined", spread_store=3)
     with pytest.raises(ValueError, match="spread_store=4 needs the pipelined form"):
         run_gluon(args, 10, form="item", spread_store=4)
+    with pytest.raises(ValueError, match="inputs_ahead=1 is not a bool"):
+        run_gluon(args, 10, form="pipelined", inputs_ahead=1)
+    with pytest.raises(ValueError, match="inputs_ahead=True needs the pipelined form"):
+        run_gluon(args, 10, form="item", inputs_ahead=True)
 
 
 def test_zero_state_first_token():

@@ -80,6 +80,7 @@ VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, non
 VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2}   # ``value_partition`` -> VALUE
 SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many parts over the solve (0: before it)
 DEFAULT_SPREAD = 0
+DEFAULT_INPUTS_AHEAD = False   # pipelined form: each solver loads its next item's q, k, v and scalars an item ahead
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -160,7 +161,7 @@ if GLUON:
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                           LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr,
-                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr):
+                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -207,6 +208,8 @@ if GLUON:
         iterate_0b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
         iterate_1a = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
         iterate_1b = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
+        key_0 = gl.allocate_shared_memory(gl.float32, [D], VECTOR)            # beta k of each solver's item (AHEAD)
+        key_1 = gl.allocate_shared_memory(gl.float32, [D], VECTOR)
         mixed = gl.allocate_shared_memory(gl.float32, [2, D], VECTOR)        # q' of solver 0 / 1 (VALUE)
         mixed_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mixed_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -221,14 +224,14 @@ if GLUON:
         # tuple (constexprs lose their kind) in a variable, so the common partitions cannot be shared.
         if VALUE:
             gl.warp_specialize([
-                (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
-                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
-                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
-                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
+                (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0, mixed, mixed_full, mixed_free,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
+                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1, mixed, mixed_full, mixed_free,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
                               MIRROR, VALUE)),
                 (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale,
@@ -237,14 +240,14 @@ if GLUON:
                 [gl.num_warps(), LOADER_WARPS, gl.num_warps()], [SOLVER_REGS, LOADER_REGS, VALUE_REGS])
         else:
             gl.warp_specialize([
-                (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
-                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
-                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, mixed, mixed_full, mixed_free, q_ptr, k_ptr,
-                              v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS, HAS_BETA,
-                              HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD)),
+                (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0, mixed, mixed_full, mixed_free,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
+                (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1, mixed, mixed_full, mixed_free,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
                               MIRROR, VALUE))],
                 [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
@@ -482,13 +485,13 @@ if GLUON:
         return values
 
     @gluon.jit
-    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, mixed_shared, mixed_full,
+    def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, key_shared, mixed_shared, mixed_full,
                    mixed_free, q_ptr, k_ptr, v_ptr, beta_ptr,
                    g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                    HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
-                   VALUE: gl.constexpr, SPREAD: gl.constexpr):
+                   VALUE: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed). VALUE: up to q', which goes to the value partition
         (``_ws_value``) through ``mixed_shared``."""
@@ -502,13 +505,30 @@ if GLUON:
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
+        if AHEAD:    # the inputs of the solver's first item (an item that exists: first < num_items)
+            ahead = _item_inputs(first + gl.minimum(which, gl.maximum(count - 1, 0)) * stride, q_ptr, k_ptr, v_ptr,
+                                 beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA,
+                                 HAS_G_KK, HAS_ALPHA)
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
-            kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
-                                                         HAS_BETA, HAS_G_KK)
-            q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
-            k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
-            k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
+            if AHEAD:    # this item's inputs were loaded an item ahead; now the next item's (the last: again)
+                beta, g, g_kk, alpha, q_in, k_in, v_in = ahead
+                ahead = _item_inputs(first + gl.minimum(j + 2, count - 1) * stride, q_ptr, k_ptr, v_ptr, beta_ptr,
+                                     g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA, HAS_G_KK,
+                                     HAS_ALPHA)
+                kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + (item % NUM_HEADS) // GROUP
+                state = item.to(gl.int64) * (D * D)
+                q = q_in.to(gl.float32)                                                      # [D]
+                k_cols = k_in.to(gl.float32) * beta                                          # [D]
+                key_shared.store(k_cols)             # k at each thread's rows, through shared memory
+                gl.thread_barrier()
+                k_rows = key_shared.reshape([BLOCKS, RB]).load(ROW)                          # [BLOCKS, RB]
+            else:
+                kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
+                                                             HAS_BETA, HAS_G_KK)
+                q = gl.load(q_ptr + item * D + cols).to(gl.float32)                              # [D]
+                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta               # [BLOCKS, RB]
+                k_cols = gl.load(k_ptr + kv_row * D + cols).to(gl.float32) * beta               # [D]
 
             h = _take_tile(ring, full.index(KK_FULL), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,
                            MIRROR, ORDER).to(gl.float32)
@@ -520,7 +540,10 @@ if GLUON:
             gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.element_ty))
             mixed = x
             if HAS_ALPHA:
-                mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
+                if AHEAD:
+                    mixed = q + alpha * (x - q)
+                else:
+                    mixed = q + gl.load(alpha_ptr + item).to(gl.float32) * (x - q)
 
             if VALUE:    # q' to the value partition, once it has read this solver's previous one
                 mbarrier.wait(mixed_free.index(which), ((j // 2) + 1) & 1, pred=j >= 2)
@@ -528,13 +551,31 @@ if GLUON:
                 gl.thread_barrier()
                 mbarrier.arrive(mixed_full.index(which))
             else:
-                v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
-                k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
+                if AHEAD:
+                    v_cols = v_in.to(gl.float32) * beta                                          # [D]
+                    k_rows = key_shared.reshape([BLOCKS, RB]).load(ROW)          # again: not held in the solve
+                else:
+                    v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
+                    k_rows = gl.load(k_ptr + kv_row * D + rows).to(gl.float32) * beta   # again: not held in the solve
                 s = _take_tile(ring, full.index(2 * (j % 2) + 1), j // 2, free, 2 * j + 1, L3, BLOCKS, RB, D,
                                SLOTS, False, ORDER).to(gl.float32)                                # [BLOCKS, RB, D]
                 _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                                   o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
+
+    @gluon.jit
+    def _item_inputs(item, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS: gl.constexpr,
+                     GROUP: gl.constexpr, D: gl.constexpr, HAS_BETA: gl.constexpr, HAS_G_KK: gl.constexpr,
+                     HAS_ALPHA: gl.constexpr):
+        """Item's (beta, g, g_kk, alpha, q, k, v) as loaded (fp32 scalars; q, k, v [D] at ``cols`` in their
+        dtype); alpha 0 when absent."""
+        kv_row, _, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D, HAS_BETA,
+                                                 HAS_G_KK)
+        alpha = 0.0
+        if HAS_ALPHA:
+            alpha = gl.load(alpha_ptr + item).to(gl.float32)
+        return (beta, g, g_kk, alpha, gl.load(q_ptr + item * D + cols), gl.load(k_ptr + kv_row * D + cols),
+                gl.load(v_ptr + kv_row * D + cols))
 
     @gluon.jit
     def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
@@ -695,7 +736,8 @@ def _multiprocessors() -> int:
 
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
-               loader_warps=None, mirror=None, value_partition=None, spread_store=None) -> GKAResult:
+               loader_warps=None, mirror=None, value_partition=None, spread_store=None,
+               inputs_ahead=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -722,6 +764,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       buffer of its own. Measured slower than without (docs/benchmarks.md).
     - ``spread_store`` (pipelined form; ``SPREAD_PARTS``, default ``DEFAULT_SPREAD``): h_kk' stored in this
       many parts, one before each run of the solve's iterations (``_solve``), rather than all before the solve.
+    - ``inputs_ahead`` (pipelined form; default ``DEFAULT_INPUTS_AHEAD``): each solver loads its next item's q,
+      k, v, beta, g, g_kk and alpha while the current item runs, so that no global load waits on its path
+      (beta k reaches each thread's rows through shared memory).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -776,6 +821,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"spread_store={spread_store!r} is not one of {SPREAD_PARTS}")
     if spread_store and form != "pipelined":
         raise ValueError(f"spread_store={spread_store} needs the pipelined form; got form={form!r}")
+    inputs_ahead = DEFAULT_INPUTS_AHEAD if inputs_ahead is None else inputs_ahead
+    if not isinstance(inputs_ahead, (bool, np.bool_)):
+        raise ValueError(f"inputs_ahead={inputs_ahead!r} is not a bool")
+    if inputs_ahead and form != "pipelined":
+        raise ValueError(f"inputs_ahead=True needs the pipelined form; got form={form!r}")
     if value and loader_warps != VALUE_LOADER_WARPS:
         raise ValueError(f"value_partition=True needs loader_warps={VALUE_LOADER_WARPS} (4 + 4 + 4 + 4 warps fill "
                          f"the register file exactly); got loader_warps={loader_warps}")
@@ -786,7 +836,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         kernel = _decode_ws_kernel
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
-                      MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS, SPREAD=spread_store)
+                      MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS, SPREAD=spread_store,
+                      AHEAD=int(inputs_ahead))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
