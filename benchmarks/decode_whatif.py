@@ -13,7 +13,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
 - "spread store N": ``spread_store=N`` as the default (h_kk' stored in N parts over the solve);
-- "inputs ahead" (also "spread store 4 with ...", "value partition with spread store 2|4 and inputs ahead", "value partition with inputs ahead"):
+- "inputs ahead" (also "spread store 4 with ...", "value partition with spread store 2|4 and inputs ahead",
+  "value partition with inputs ahead"):
   ``inputs_ahead=True`` as the default (each solver loads its next item's inputs during the current one);
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
