@@ -21,8 +21,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   fixed delay on the solver's path cost what the mirror costs?);
 - "value partition" (also "... without the mirror"), "value partition readback": ``value_partition=True``
   / ``"readback"`` as the default (h_kv and o by a partition of their own);
-- "default@PATH" / "mirror@PATH": the kernel source at PATH (e.g. an earlier commit's gluon_decode.py, for an
-  A/B in one run), as is or with the mirror at every num_iter;
+- "VARIANT@PATH", e.g. "default@PATH" / "mirror@PATH": that variant of the kernel source at PATH (e.g. an
+  earlier commit's gluon_decode.py, for an A/B in one run);
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
   states: what the bytes alone save);
 - "... with an upper h_kk' store": a mirror variant whose solvers store only h_kk's 16-byte chunks on or right of
@@ -188,15 +188,18 @@ def kernel_source(path: str = "") -> str:
 
 
 def choose(names: list) -> dict:
-    """{name: source} of the named variants ("default@PATH" / "mirror@PATH": the file at PATH)."""
+    """{name: source} of the named variants ("VARIANT@PATH": that variant of the file at PATH; "default@PATH" and
+    "mirror@PATH" of any earlier version, the others of versions that have their anchors)."""
     known = variants(kernel_source())
     chosen = {}
     for name in names:
         base, _, path = name.partition("@")
         if path:
-            assert base in ("default", "mirror"), name
             text = kernel_source(path)
-            chosen[name] = text if base == "default" else text.replace(*MIRROR_ON)
+            if base in ("default", "mirror"):
+                chosen[name] = text if base == "default" else text.replace(*MIRROR_ON)
+            else:
+                chosen[name] = variants(text)[base]
         else:
             chosen[name] = known[name]
     return chosen
