@@ -62,10 +62,8 @@ def loader_tiles(count, slots, order):
             tiles += [2 * j + 1] + ([2 * j + 4] if j + 2 < count else [])
         else:
             if order != 1 or j != 1:
-                if order == 1 and j == 0 and count % 2 == 0:   # even counts: item 1's h_kk first
-                    tiles.append(2)
                 tiles.append(2 * j)
-            if order == 1 and j == 0 and count % 2 == 1 and count > 1:
+            if order == 1 and j == 0 and count > 1:
                 tiles.append(2)
             tiles.append(2 * j + 1)
     return tiles

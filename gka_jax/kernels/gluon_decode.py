@@ -340,10 +340,8 @@ if GLUON:
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver (or the value partition) has released that buffer's previous tile, in the order of t;
         with three buffers and no mirror, the second item's h_kk comes second (before the first item's h_kv,
-        ``_slot``), or first when the program has an even number of items: then both solvers have as many items,
-        and the second solver, which the first h_kk reaching the other solver delays by 3-4 us and which ends
-        last, starts first (at odd counts the first solver has one item more). MIRROR: of h_kk only the 16-byte
-        chunks that reach the diagonal or lie right of it (52% of the bytes at D = 128)."""
+        ``_slot``). MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it (52% of
+        the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
@@ -366,12 +364,9 @@ if GLUON:
                     _load_tile(ring, full.index(j % 2), free, 2 * j + 4, h_kk_ptr + state + 2 * stride * (D * D),
                                offsets, chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
             elif ORDER != 1 or j != 1:
-                if ORDER == 1 and j == 0 and count % 2 == 0:   # item 1's h_kk first at even counts
-                    _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets,
-                               chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
                 _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
                            SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
-            if ORDER == 1 and j == 0 and count % 2 == 1 and count > 1:        # item 1's h_kk, early
+            if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early
                 _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
                            D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
             if ORDER != 2:
