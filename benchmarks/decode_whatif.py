@@ -3,7 +3,8 @@
 Each variant is ``gluon_decode.py`` with one edit of its source text, written as a module of its own in a
 temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time of a traced 16-step loop):
 
-- "default": unchanged;
+- "default": unchanged; "previous default": no value partition, h_kk' stored before the solve and the inputs
+  loaded per item at every num_iter (the default before ``LONG_SOLVE``); the variants below are edits of it:
 - "no h_kv' store" / "no h_kk' store" / "no stores": the solvers skip writing the new state(s) (wrong
   states: this bounds what the stores cost);
 - "tail solves num_iter 0": each solver's last item skips its solve (bounds what the last solves cost);
@@ -12,15 +13,15 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   does so up to ``MIRROR_MAX_ITER``);
 - "... (swizzled)" / "... (unswizzled)" / "... (loader 64 registers)": a variant with the ring swizzled as the
   mirror's (16-byte chunk c of row r at c ^ (r % 8)), or not, or the loader given 64 registers;
-- "spread store N": ``spread_store=N`` as the default (h_kk' stored in N parts over the solve);
-- "inputs ahead" (also "spread store 4 with ...", "value partition with spread store 2|4 and inputs ahead",
-  "value partition with inputs ahead"):
-  ``inputs_ahead=True`` as the default (each solver loads its next item's inputs during the current one);
-- "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
-- "delay N ns before each h_kk take": the default with a nanosleep of N ns where the mirror would run (does a
-  fixed delay on the solver's path cost what the mirror costs?);
 - "value partition" (also "... without the mirror"), "value partition readback": ``value_partition=True``
-  / ``"readback"`` as the default (h_kv and o by a partition of their own);
+  / ``"readback"`` at every num_iter (h_kv and o by a partition of their own);
+- above num_iter 10 only (``LONG_SOLVE``): "spread store N" (h_kk' stored in N parts over the solve), "inputs
+  ahead" (each solver loads its next item's inputs during the current one), "spread store 4 with inputs ahead",
+  "value partition with spread store 4", "value partition with inputs ahead", "value partition with spread
+  store 2|4 and inputs ahead" (4: the default);
+- "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
+- "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
+  solver's path cost what the mirror costs?);
 - "VARIANT@PATH", e.g. "default@PATH" / "mirror@PATH": that variant of the kernel source at PATH (e.g. an
   earlier commit's gluon_decode.py, for an A/B in one run);
 - "upper copy without a mirror": the default's partitions, the loader copying only h_kk's upper triangle (wrong
@@ -50,8 +51,7 @@ SOLVE = ("            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BL
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
 NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the body of an ``if``)
-SPREAD_DEFAULT = "DEFAULT_SPREAD = 0\n"
-AHEAD_ON = ("DEFAULT_INPUTS_AHEAD = False ", "DEFAULT_INPUTS_AHEAD = True ")
+LONG_SOLVE = "LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)\n"
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
 LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
 PREFETCH = '''    @gluon.jit
@@ -140,19 +140,31 @@ def unswizzled(text: str) -> str:
     return text.replace(SWIZZLED, SWIZZLED.replace("(VEC, 1, 8,", "(1, 1, 1,"))
 
 
+def long_solve(text: str, value, spread: int, ahead: bool) -> str:
+    """``text`` with the pipelined form's defaults above num_iter 10 (``LONG_SOLVE``) replaced."""
+    assert LONG_SOLVE in text
+    return text.replace(LONG_SOLVE, f"LONG_SOLVE = dict(value_partition={value}, spread_store={spread}, "
+                                    f"inputs_ahead={ahead})\n")
+
+
 def variants(text: str) -> dict:
+    """The variants of ``text``: "default" is the text itself; the others are edits of "previous default" (the
+    default before 2026-11-29's eighth session: no value partition, h_kk' stored before the solve, inputs
+    loaded per item), so that their names keep their meaning."""
+    base = long_solve(text, False, 0, False)
     tail = ("            if j + 2 >= count:\n    " + SOLVE.replace("NUM_ITER", "0") + "            else:\n    "
             + SOLVE)
     assert all(anchor in text for anchor in (H_KV_STORE, SWIZZLED, PLAIN, LOADER_REGS, H_KK_LOAD))
     found = {
         "default": text,
-        "no h_kv' store": text.replace(H_KV_STORE, ""),
-        "no h_kk' store": edit_last(text, H_KK_STORE, NO_STORE),
-        "no stores": edit_last(text.replace(H_KV_STORE, ""), H_KK_STORE, NO_STORE),
-        "tail solves num_iter 0": edit_last(text, SOLVE, tail),
-        **{f"L2 prefetch {n} ahead": prefetching(text, n) for n in (1, 2, 3)},
-        "mirror": text.replace(*MIRROR_ON),
-        "upper copy without a mirror": text.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1,", "True,")),
+        "previous default": base,
+        "no h_kv' store": base.replace(H_KV_STORE, ""),
+        "no h_kk' store": edit_last(base, H_KK_STORE, NO_STORE),
+        "no stores": edit_last(base.replace(H_KV_STORE, ""), H_KK_STORE, NO_STORE),
+        "tail solves num_iter 0": edit_last(base, SOLVE, tail),
+        **{f"L2 prefetch {n} ahead": prefetching(base, n) for n in (1, 2, 3)},
+        "mirror": base.replace(*MIRROR_ON),
+        "upper copy without a mirror": base.replace(H_KK_LOAD, H_KK_LOAD.replace("MIRROR == 1,", "True,")),
     }
     upper = found["upper copy without a mirror"]
     found["upper copy without a mirror (swizzled)"] = swizzled(upper)
@@ -160,22 +172,21 @@ def variants(text: str) -> dict:
     found["mirror (unswizzled)"] = unswizzled(found["mirror"])
     found["mirror with an upper h_kk' store"] = upper_store(found["mirror"])
     assert VALUE_ON[0] in text
-    found["value partition"] = text.replace(*VALUE_ON)
+    found["value partition"] = base.replace(*VALUE_ON)
     found["value partition without the mirror"] = found["value partition"].replace(*MIRROR_OFF)
-    found["value partition readback"] = text.replace(*VALUE_READBACK)
+    found["value partition readback"] = base.replace(*VALUE_READBACK)
     for parts in (2, 4, 8):
-        found[f"spread store {parts}"] = text.replace(SPREAD_DEFAULT, f"DEFAULT_SPREAD = {parts}\n")
-    found["inputs ahead"] = text.replace(*AHEAD_ON)
-    found["spread store 4 with inputs ahead"] = found["spread store 4"].replace(*AHEAD_ON)
-    found["value partition with spread store 4"] = found["spread store 4"].replace(*VALUE_ON)
-    found["value partition with inputs ahead"] = found["inputs ahead"].replace(*VALUE_ON)
+        found[f"spread store {parts}"] = long_solve(text, False, parts, False)
+    found["inputs ahead"] = long_solve(text, False, 0, True)
+    found["spread store 4 with inputs ahead"] = long_solve(text, False, 4, True)
+    found["value partition with spread store 4"] = long_solve(text, True, 4, False)
+    found["value partition with inputs ahead"] = long_solve(text, True, 0, True)
     for parts in (2, 4):
-        found[f"value partition with spread store {parts} and inputs ahead"] = found[
-            f"spread store {parts}"].replace(*AHEAD_ON).replace(*VALUE_ON)
-    found["swapped solvers"] = swapped(text)
+        found[f"value partition with spread store {parts} and inputs ahead"] = long_solve(text, True, parts, True)
+    found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
-        found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(text, nanoseconds)
+        found[f"delay {nanoseconds} ns before each h_kk take"] = delayed(base, nanoseconds)
     return found
 
 

@@ -54,8 +54,7 @@ KERNELS = {
                        COPY_ROWS=8,
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS, MIRROR=0, VALUE=0,
-                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=gluon_decode.DEFAULT_SPREAD,
-                       AHEAD=int(gluon_decode.DEFAULT_INPUTS_AHEAD)),
+                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=0, AHEAD=0),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")

@@ -457,6 +457,8 @@ DECODE_VARIANTS = [
     ("gluon pipelined mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": True}),
     ("gluon pipelined no mirror", "pallas", {"kernel": "gluon", "form": "pipelined", "mirror": False}),
     ("gluon pipelined value partition", "pallas", {"kernel": "gluon", "form": "pipelined", "value_partition": True}),
+    ("gluon pipelined previous default", "pallas",
+     {"kernel": "gluon", "form": "pipelined", "value_partition": False, "spread_store": 0, "inputs_ahead": False}),
     ("gluon pipelined value readback", "pallas",
      {"kernel": "gluon", "form": "pipelined", "value_partition": "readback"}),
     ("xla", "xla", {}),

@@ -79,8 +79,12 @@ VALUE_REGS = 80           # pipelined form, value_partition: registers per threa
 VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, none padded (16 warps)
 VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2}   # ``value_partition`` -> VALUE
 SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many parts over the solve (0: before it)
-DEFAULT_SPREAD = 0
-DEFAULT_INPUTS_AHEAD = False   # pipelined form: each solver loads its next item's q, k, v and scalars an item ahead
+# The pipelined form's defaults for value_partition, spread_store and inputs_ahead: above MIRROR_MAX_ITER
+# (h_kk read whole) the value partition, h_kk' stored in 4 parts over the solve and each solver's next inputs
+# loaded an item ahead (79.4-79.7 against 83.8-84.7 us at B = 32, num_iter 30 on an H200, docs/benchmarks.md);
+# up to it (the mirror's range, where they measured slower) none of them.
+LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)
+SHORT_SOLVE = dict(value_partition=False, spread_store=0, inputs_ahead=False)
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -756,15 +760,16 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       (16-byte chunks on or right of the diagonal) and let the solver that takes it mirror the rest in shared
       memory. It relies on h_kk being symmetric, as every state this package writes is (the kernel then
       writes h_kk' exactly symmetric).
-    - ``value_partition`` (pipelined form; ``VALUE_PARTITIONS``, default None): a third partition of 4 warps
+    - ``value_partition`` (pipelined form; ``VALUE_PARTITIONS``; default ``LONG_SOLVE`` / ``SHORT_SOLVE``, by
+      num_iter, and off with ``loader_warps`` = 1): a third partition of 4 warps
       updates h_kv and computes o from the solvers' q' (``_ws_value``), which takes that work off the
       solvers' path; it needs ``loader_warps`` = 4 (the default then). True / "resident": h_kv's tile stays
       in its buffer until o; "readback" (three buffers, no mirror): h_kv' is written as soon as the tile
       lands and o computed from it read back, so that one h_kv buffer is enough and each solver gets an h_kk
-      buffer of its own. Measured slower than without (docs/benchmarks.md).
-    - ``spread_store`` (pipelined form; ``SPREAD_PARTS``, default ``DEFAULT_SPREAD``): h_kk' stored in this
-      many parts, one before each run of the solve's iterations (``_solve``), rather than all before the solve.
-    - ``inputs_ahead`` (pipelined form; default ``DEFAULT_INPUTS_AHEAD``): each solver loads its next item's q,
+      buffer of its own ("readback" measured slower, docs/benchmarks.md).
+    - ``spread_store`` (pipelined form; ``SPREAD_PARTS``; default as ``value_partition``'s): h_kk' stored in
+      this many parts, one before each run of the solve's iterations (``_solve``), rather than all before it.
+    - ``inputs_ahead`` (pipelined form; default as ``value_partition``'s): each solver loads its next item's q,
       k, v, beta, g, g_kk and alpha while the current item runs, so that no global load waits on its path
       (beta k reaches each thread's rows through shared memory).
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
@@ -799,6 +804,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if not any(value_partition is mode or (isinstance(value_partition, str) and value_partition == mode)
                for mode in VALUE_PARTITIONS):
         raise ValueError(f"value_partition={value_partition!r} is not one of {tuple(VALUE_PARTITIONS)}")
+    long_solve = form == "pipelined" and int(num_iter) > MIRROR_MAX_ITER
+    defaults = LONG_SOLVE if long_solve and loader_warps in (None, VALUE_LOADER_WARPS) else SHORT_SOLVE
+    value_partition = defaults["value_partition"] if value_partition is None else value_partition
+    spread_store = (LONG_SOLVE if long_solve else SHORT_SOLVE)["spread_store"] if spread_store is None else spread_store
+    inputs_ahead = (LONG_SOLVE if long_solve else SHORT_SOLVE)["inputs_ahead"] if inputs_ahead is None else inputs_ahead
     value = VALUE_PARTITIONS[value_partition]          # 0 none, 1 resident, 2 readback
     if value and form != "pipelined":
         raise ValueError(f"value_partition=True needs the pipelined form; got form={form!r}")
@@ -816,12 +826,10 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if value == 2 and (slots != 3 or mirror):
         raise ValueError(f"value_partition='readback' needs slots=3 without the mirror; got slots={slots}, "
                          f"mirror={mirror}")
-    spread_store = DEFAULT_SPREAD if spread_store is None else spread_store
     if spread_store not in SPREAD_PARTS or isinstance(spread_store, bool):
         raise ValueError(f"spread_store={spread_store!r} is not one of {SPREAD_PARTS}")
     if spread_store and form != "pipelined":
         raise ValueError(f"spread_store={spread_store} needs the pipelined form; got form={form!r}")
-    inputs_ahead = DEFAULT_INPUTS_AHEAD if inputs_ahead is None else inputs_ahead
     if not isinstance(inputs_ahead, (bool, np.bool_)):
         raise ValueError(f"inputs_ahead={inputs_ahead!r} is not a bool")
     if inputs_ahead and form != "pipelined":
