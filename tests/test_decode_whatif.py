@@ -20,7 +20,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 19
+    assert len(variants) == 30
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -30,6 +30,8 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     assert variants["no stores"].count(tool.H_KK_STORE) == source.count(tool.H_KK_STORE) - 1
     assert "_prefetch_l2(h_kv_ptr + ahead)" in variants["L2 prefetch 2 ahead"]
     assert "MIRROR_MAX_ITER = 1000 " in variants["mirror"]
+    assert tool.LONG_SOLVE in source and tool.LONG_SOLVE not in variants["previous default"]
+    assert variants["spread store 4"] == tool.long_solve(source, False, 4, False)
     assert tool.choose(["default@" + str(REPO / "gka_jax/kernels/gluon_decode.py")]) == {
         "default@" + str(REPO / "gka_jax/kernels/gluon_decode.py"): source}
     upper = variants["mirror with an upper h_kk' store"]
