@@ -1,6 +1,7 @@
 """What-if variants of the pipelined Gluon decode, to see where its time goes (diagnostics, not features).
 
-Each variant is ``gluon_decode.py`` with one edit of its source text, written as a module of its own in a
+Each variant is the Gluon decode's source (``gluon_decode.py`` with ``gluon_decode_math.py`` and
+``gluon_decode_ring.py``, joined by ``kernel_source``) with one edit of its text, written as a module of its own in a
 temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time of a traced 16-step loop):
 
 - "default": unchanged; "previous default": no value partition, h_kk' stored before the solve and the inputs
@@ -40,12 +41,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Joined in this order: the pipelined form last, as the edits of lines it shares with the "item" form (``edit_last``)
+# expect.
+PARTS = ("gluon_decode_math.py", "gluon_decode.py", "gluon_decode_ring.py")
+SIBLING_IMPORT = re.compile(r"^ *from \.gluon_decode_(math|ring) import [^\n]*\n", re.M)
+FUTURE = "from __future__ import annotations\n"
 SOLVE = ("            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BLOCKS, RB, ROW, "
          "h_kk_out_ptr + state + square,\n                       rows, SPREAD)\n")
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
@@ -190,11 +197,22 @@ def variants(text: str) -> dict:
 
 
 def kernel_source(path: str = "") -> str:
-    """gluon_decode.py's text (or the file at ``path``), its relative imports made absolute (the variants live
-    outside the package)."""
+    """The Gluon decode's text as one module: its three modules (``PARTS``: the math, the wrapper with the
+    "item" form, the pipelined form) joined, the imports between them removed and the relative imports made
+    absolute (the variants live outside the package). ``path``: a folder holding the three modules (an
+    earlier version's), or one file (versions before the split of 2026-11-29's eighth session)."""
     import gka_jax.kernels.gluon_decode as gluon_decode
-    with open(path or gluon_decode.__file__) as f:
-        return f.read().replace("from .", "from gka_jax.kernels.")
+    folder = path if not path or os.path.isdir(path) else None
+    if folder is None:
+        with open(path) as f:
+            text = f.read()
+    else:
+        texts = []
+        for name in PARTS:
+            with open(os.path.join(folder or os.path.dirname(gluon_decode.__file__), name)) as f:
+                texts.append(SIBLING_IMPORT.sub("", f.read()))
+        text = "\n\n".join([texts[0]] + [part.replace(FUTURE, "") for part in texts[1:]])
+    return text.replace("from .", "from gka_jax.kernels.")
 
 
 def choose(names: list) -> dict:

@@ -25,7 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gka_jax.kernels import gluon_call, gluon_decode, gluon_solve  # noqa: E402
+from gka_jax.kernels import gluon_call, gluon_decode, gluon_decode_ring, gluon_solve  # noqa: E402
 
 # Argument types and the default constexprs of each kernel at the 8B shapes (bf16 activations, fp32 states).
 DECODE_SIGNATURE = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", beta_ptr="*fp32", g_ptr="*fp32",
@@ -48,7 +48,7 @@ KERNELS = {
         constants=dict(DECODE_CONSTANTS, MAXNREG=gluon_decode.DEFAULT_MAXNREG),
         warps=lambda d: d // 32),
     "decode_ws": dict(   # the pipelined form
-        fn=lambda: gluon_decode._decode_ws_kernel,
+        fn=lambda: gluon_decode_ring._decode_ws_kernel,
         signature=DECODE_SIGNATURE,
         constants=dict(DECODE_CONSTANTS, BLOCKS=gluon_decode.PIPELINED_BLOCKS, SLOTS=gluon_decode.DEFAULT_SLOTS,
                        COPY_ROWS=8,

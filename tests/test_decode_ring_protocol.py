@@ -1,4 +1,4 @@
-"""The pipelined Gluon decode's buffer-ring protocol (``gluon_decode._decode_ws_kernel``), model-checked on CPU.
+"""The pipelined Gluon decode's buffer-ring protocol (``gluon_decode_ring._decode_ws_kernel``), model-checked on CPU.
 
 The kernel's partitions (a loader, two solvers, with ``value_partition`` a value partition) hand [D, D] tiles
 over through a ring of shared-memory buffers and mbarriers whose waits compare phase parities. The GPU tests
@@ -35,7 +35,7 @@ class Barrier:
 
 
 def ring_slot(tile, slots, order):
-    """``gluon_decode._slot`` in Python: (buffer, use) of tile 2 j (h_kk) / 2 j + 1 (h_kv) of item j."""
+    """``gluon_decode_ring._slot`` in Python: (buffer, use) of tile 2 j (h_kk) / 2 j + 1 (h_kv) of item j."""
     j, is_kv = tile // 2, tile % 2
     if slots == 2:
         return tile % 2, tile // 2

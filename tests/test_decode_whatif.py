@@ -1,6 +1,7 @@
-"""benchmarks/decode_whatif.py edits gluon_decode.py's source text to build its diagnostic variants; this
-checks on CPU that every edit still finds its anchor in the kernel source and yields valid Python, so that a
-change to the kernel cannot silently turn a variant into the default (the variants run on a GPU only)."""
+"""benchmarks/decode_whatif.py edits the Gluon decode's source text (its three modules joined) to build its
+diagnostic variants; this checks on CPU that every edit still finds its anchor in the kernel source and yields
+valid Python, so that a change to the kernel cannot silently turn a variant into the default (the variants run
+on a GPU only)."""
 
 import ast
 import importlib.util
@@ -32,8 +33,10 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     assert "MIRROR_MAX_ITER = 1000 " in variants["mirror"]
     assert tool.LONG_SOLVE in source and tool.LONG_SOLVE not in variants["previous default"]
     assert variants["spread store 4"] == tool.long_solve(source, False, 4, False)
-    assert tool.choose(["default@" + str(REPO / "gka_jax/kernels/gluon_decode.py")]) == {
-        "default@" + str(REPO / "gka_jax/kernels/gluon_decode.py"): source}
+    folder = str(REPO / "gka_jax/kernels")
+    assert tool.choose(["default@" + folder]) == {"default@" + folder: source}
+    assert "from gka_jax.kernels.gluon_decode_" not in source       # one module: the edits reach every part
+    assert source.count("def _ws_solver(") == source.count("def _solve(") == source.count("def gka_decode(") == 1
     upper = variants["mirror with an upper h_kk' store"]
     assert upper.count(tool.UPPER_STORE[1]) == 1 and upper.replace(*tool.UPPER_STORE[::-1]) == variants["mirror"]
 
@@ -53,4 +56,4 @@ def test_the_timeline_marks_find_their_anchors():
         for mark in (8, 9, 10):
             assert text.count(f"_mark(trace_ptr, first, j, {mark})") == 1, mark
         assert "_mark(trace_ptr, first, j, 8)\n            if ORDER == 2:\n" in text   # not inside the if
-        assert timeline.X_STORE not in text.split("def _ws_solver")[1].split("def _item_scalars")[0]
+        assert timeline.X_STORE not in text.split("def _ws_solver")[1].split("@gluon.jit")[0]
