@@ -20,6 +20,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   ahead" (each solver loads its next item's inputs during the current one), "spread store 4 with inputs ahead",
   "value partition with spread store 4", "value partition with inputs ahead", "value partition with spread
   store 2 and inputs ahead" (with 4 parts: the default);
+- "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
   solver's path cost what the mirror costs?);
@@ -58,6 +59,7 @@ SOLVE = ("            x = _solve(h, q, ridge, iterate_a, iterate_b, NUM_ITER, BL
 H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_ptr.dtype.element_ty))\n"
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
 NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the body of an ``if``)
+BLOCKS_DEFAULT = "PIPELINED_BLOCKS = 1 "
 LONG_SOLVE = "LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)\n"
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
 LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
@@ -189,6 +191,8 @@ def variants(text: str) -> dict:
     found["value partition with spread store 4"] = long_solve(text, True, 4, False)
     found["value partition with inputs ahead"] = long_solve(text, True, 0, True)
     found["value partition with spread store 2 and inputs ahead"] = long_solve(text, True, 2, True)   # (4: default)
+    for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
+        found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
