@@ -55,11 +55,12 @@ VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2}   
 SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many parts over the solve (0: before it)
 # The pipelined form's defaults for value_partition, spread_store and inputs_ahead: above MIRROR_MAX_ITER
 # (h_kk read whole) the value partition, h_kk' stored in 4 parts over the solve and each solver's next inputs
-# loaded an item ahead (79.4-79.7 against 83.8-84.7 us at B = 32, num_iter 30 on an H200, docs/benchmarks.md);
+# loaded an item ahead (78.9-80.5 against 83.4-84.9 us at B = 32, num_iter 30 on an H200, docs/benchmarks.md);
 # up to it (the mirror's range, where they measured slower) none of them.
 LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)
 SHORT_SOLVE = dict(value_partition=False, spread_store=0, inputs_ahead=False)
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
+
 if GLUON:
     from .gluon_call import async_copy, gl, gluon
     from .gluon_decode_math import _copy_state, _decay_add_outer, _item_scalars, _solve, _state_layout
