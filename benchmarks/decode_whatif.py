@@ -251,28 +251,45 @@ def import_sources(sources: dict, prefix: str) -> dict:
 
 def main():
     import jax.numpy as jnp
+    import numpy as np
     from kernels import RIDGE, SCALE, decode_states, make_inputs, time_decode_loop, to_jax
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--num-iter", default="30,0")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every variant this many times, the order reversed every other round; with 2 or "
+                             "more a last table gives each variant's median and range")
     args = parser.parse_args()
     assert not any("," in name for name in variants(kernel_source()))
     chosen = choose(args.variants.split(",")) if args.variants else variants(kernel_source())
     modules = import_sources(chosen, "decode_whatif")
+    times = {}
     print("| B | num_iter | variant | decode us |\n| --- | --- | --- | --- |")
     for b in map(int, args.batches.split(",")):
         x = to_jax(make_inputs(5, b, 1, decode=True), jnp.bfloat16)
         kk, kv = decode_states(6, b)
         for num_iter in map(int, args.num_iter.split(",")):
-            for name, module in modules.items():
-                def step(x, h_kk, h_kv, module=module, num_iter=num_iter):
+            def timed(module, num_iter=num_iter):
+                def step(x, h_kk, h_kv):
                     r = module.gka_decode(x["q"], x["k"], x["v"], x["beta"], x["g"], x["alpha"], h_kk, h_kv,
                                           num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE, form="pipelined")
                     return r.o, r.h_kk, r.h_kv
-                ms = time_decode_loop(step, x, jnp.asarray(kk), jnp.asarray(kv))
-                print(f"| {b} | {num_iter} | {name} | {1000 * ms:.1f} |", flush=True)
+                return 1000 * time_decode_loop(step, x, jnp.asarray(kk), jnp.asarray(kv))
+            names = list(modules)
+            if args.rounds > 1:   # one untimed pass first: a first kernel timed after start once ran 10% slow
+                timed(modules[names[0]])
+            for round_ in range(args.rounds):
+                for name in names if round_ % 2 == 0 else names[::-1]:
+                    us = timed(modules[name])
+                    times.setdefault((b, num_iter, name), []).append(us)
+                    print(f"| {b} | {num_iter} | {name} | {us:.1f} |", flush=True)
+    if args.rounds > 1:
+        print(f"\n| B | num_iter | variant | median us ({args.rounds} rounds) | min | max |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for (b, num_iter, name), found in times.items():
+            print(f"| {b} | {num_iter} | {name} | {np.median(found):.1f} | {min(found):.1f} | {max(found):.1f} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # (benchmarks/decode_timeline.py). Full logs in $OUT; the tables last.
 # Usage (device tool, carry [".whl"] and ".bench" for default@PATH variants):
 #   [TEST_FILTER="value or options"] [VARIANTS="default,value partition"] [TIMELINE="default,value partition"]
-#   [BATCHES=32,128] [NUM_ITER=30,10] bash benchmarks/gpu_decode_experiments.sh
+#   [BATCHES=32,128] [NUM_ITER=30,10] [ROUNDS=1 (decode_whatif.py --rounds)] bash benchmarks/gpu_decode_experiments.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/jax_triton*.whl \
@@ -21,7 +21,7 @@ if [ -n "${TEST_FILTER:-}" ]; then   # pytest -k expression over tests/test_gluo
   [ $status -eq 0 ] || { echo "tests did not pass: no timing"; exit 1; }
 fi
 if [ -n "${VARIANTS:-}" ]; then
-  timeout ${WHATIF_TIMEOUT:-300} python3 benchmarks/decode_whatif.py --variants "$VARIANTS" \
+  timeout ${WHATIF_TIMEOUT:-300} python3 benchmarks/decode_whatif.py --variants "$VARIANTS" --rounds ${ROUNDS:-1} \
     --batches "${BATCHES:-32,128}" --num-iter "${NUM_ITER:-30,10}" > "$OUT/whatif.txt" 2>&1
   echo "decode_whatif.py exit $?"
 fi
