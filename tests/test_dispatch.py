@@ -192,6 +192,39 @@ def test_gluon_options_are_refused_by_the_pallas_decode():
                            backend="pallas_interpret", value_partition="readback")
 
 
+def test_pipelined_defaults_follow_num_iter(monkeypatch):
+    """The pipelined decode's defaults (``LONG_SOLVE`` above ``MIRROR_MAX_ITER``, else ``SHORT_SOLVE``) as
+    passed to the kernel: checked on CPU with the launch replaced (the kernels themselves: test_gluon_decode.py
+    on a GPU)."""
+    from gka_jax.kernels import gluon_decode
+    launched = []
+
+    def launch(*args, **kwargs):
+        launched.append(kwargs)
+        b, h, d = args[0].shape
+        return jnp.zeros((b, h, d)), jnp.zeros((b, h, d)), args[7], args[8]
+    monkeypatch.setattr(gluon_decode, "AVAILABLE", True)
+    monkeypatch.setattr(gluon_decode, "on_hopper", lambda: True)
+    monkeypatch.setattr(gluon_decode, "triton_call", launch)
+    monkeypatch.setattr(gluon_decode, "_decode_ws_kernel", "ws", raising=False)
+    b, h, hkv, d = 2, 4, 2, 128
+    q, k, states = jnp.zeros((b, h, d)), jnp.zeros((b, hkv, d)), jnp.zeros((b, h, d, d))
+
+    def tuning(num_iter, **options):
+        gluon_decode.gka_decode(q, k, k, None, jnp.zeros((b, h)), None, states, states, num_iter=num_iter,
+                                ridge_strength=0.02, scale=1.0, form="pipelined", **options)
+        found = launched.pop()
+        return {key: found[key] for key in ("VALUE", "SPREAD", "AHEAD", "MIRROR", "LOADER_WARPS")}
+    assert gluon_decode.MIRROR_MAX_ITER == 10
+    assert tuning(30) == dict(VALUE=1, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4)
+    assert tuning(11) == dict(VALUE=1, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4)
+    assert tuning(10) == dict(VALUE=0, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=1)
+    assert tuning(30, loader_warps=1) == dict(VALUE=0, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=1)
+    assert tuning(30, value_partition=False, spread_store=0, inputs_ahead=False) == dict(
+        VALUE=0, SPREAD=0, AHEAD=0, MIRROR=0, LOADER_WARPS=1)
+    assert tuning(10, value_partition=True) == dict(VALUE=1, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=4)
+
+
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):
     """A forced pipelined form on a machine without a Hopper GPU is refused with the reason, before any
     compile (the machine is made one without a Hopper GPU, so that the test also holds on an H100/H200)."""

@@ -232,11 +232,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     if not any(value_partition is mode or (isinstance(value_partition, str) and value_partition == mode)
                for mode in VALUE_PARTITIONS):
         raise ValueError(f"value_partition={value_partition!r} is not one of {tuple(VALUE_PARTITIONS)}")
-    long_solve = form == "pipelined" and int(num_iter) > MIRROR_MAX_ITER
-    defaults = LONG_SOLVE if long_solve and loader_warps in (None, VALUE_LOADER_WARPS) else SHORT_SOLVE
-    value_partition = defaults["value_partition"] if value_partition is None else value_partition
-    spread_store = (LONG_SOLVE if long_solve else SHORT_SOLVE)["spread_store"] if spread_store is None else spread_store
-    inputs_ahead = (LONG_SOLVE if long_solve else SHORT_SOLVE)["inputs_ahead"] if inputs_ahead is None else inputs_ahead
+    defaults = LONG_SOLVE if form == "pipelined" and int(num_iter) > MIRROR_MAX_ITER else SHORT_SOLVE
+    if value_partition is None:     # (the value partition needs 4 loader warps: off if 1 was asked for)
+        value_partition = defaults["value_partition"] and loader_warps in (None, VALUE_LOADER_WARPS)
+    spread_store = defaults["spread_store"] if spread_store is None else spread_store
+    inputs_ahead = defaults["inputs_ahead"] if inputs_ahead is None else inputs_ahead
     value = VALUE_PARTITIONS[value_partition]          # 0 none, 1 resident, 2 readback
     if value and form != "pipelined":
         raise ValueError(f"value_partition=True needs the pipelined form; got form={form!r}")
