@@ -4,6 +4,7 @@ Tolerance: relative Frobenius error <= 1e-4 in float32 with precision=HIGHEST (o
 fp32 rounding amplified by up to 30 Chebyshev iterations).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,3 +137,21 @@ def test_backend_selection():
     with pytest.raises(ValueError, match="unknown GKA kernel backend"):
         kernels.select_backend("nope")
     assert reference.HIGHEST is kernels.HIGHEST
+
+
+@pytest.mark.parametrize("num_iter", [1, 10, 30])
+def test_chebyshev_vjp_in_q_is_the_solve_applied_to_the_cotangent(num_iter):
+    """x = P(H) q with P a polynomial whose coefficients depend only on ||H||_F, and H symmetric, so the VJP
+    in q is P(H) dx: a backward can reuse the forward solve for dq (docs/kernels.md, "A kernel-level
+    backward"). float32, rel <= 1e-6 against autodiff of the pure-JAX iteration."""
+    rng = np.random.default_rng(num_iter)
+    d = 32
+    keys = rng.standard_normal((48, d)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    h = jnp.asarray(sum(0.97 ** i * np.outer(key, key) for i, key in enumerate(keys)), jnp.float32)
+    fro = jnp.linalg.norm(h)
+    q, dx = (jnp.asarray(rng.standard_normal((3, d)), jnp.float32) for _ in range(2))
+    solve = lambda rhs: reference._chebyshev(lambda x: x @ h, rhs, fro, num_iter=num_iter,  # noqa: E731
+                                             ridge_strength=0.02)
+    _, vjp = jax.vjp(solve, q)
+    assert rel(vjp(dx)[0], solve(dx)) <= 1e-6
