@@ -42,12 +42,16 @@ if GLUON:
                                 [1, 1, WARPS], [2, 1, 0])
 
     @gluon.jit
+    def _item_rows(item, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr):
+        """(kv row of k and v, offset of the [D, D] states) of item = b H + h."""
+        kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + (item % NUM_HEADS) // GROUP
+        return kv_row, item.to(gl.int64) * (D * D)
+
+    @gluon.jit
     def _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
                       D: gl.constexpr, HAS_BETA: gl.constexpr, HAS_G_KK: gl.constexpr):
         """(kv row, state offset, beta, g, g_kk) of item = b H + h (beta 1 and g_kk = g when absent)."""
-        head = item % NUM_HEADS
-        kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + head // GROUP
-        state = item.to(gl.int64) * (D * D)
+        kv_row, state = _item_rows(item, NUM_HEADS, GROUP, D)
         beta = 1.0
         if HAS_BETA:
             beta = gl.load(beta_ptr + item).to(gl.float32)

@@ -24,7 +24,7 @@ from .gluon_call import GLUON
 
 if GLUON:
     from .gluon_call import async_copy, gl, gluon, mbarrier
-    from .gluon_decode_math import _decay_add_outer, _item_inputs, _item_scalars, _solve, _state_layout
+    from .gluon_decode_math import _decay_add_outer, _item_inputs, _item_rows, _item_scalars, _solve, _state_layout
     from .gluon_decode_math import _value_and_output
 
     @gluon.jit
@@ -159,8 +159,7 @@ if GLUON:
                 ahead = _item_inputs(first + gl.minimum(j + 2, count - 1) * stride, q_ptr, k_ptr, v_ptr, beta_ptr,
                                      g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA, HAS_G_KK,
                                      HAS_ALPHA)
-                kv_row = (item // NUM_HEADS) * (NUM_HEADS // GROUP) + (item % NUM_HEADS) // GROUP
-                state = item.to(gl.int64) * (D * D)
+                kv_row, state = _item_rows(item, NUM_HEADS, GROUP, D)
                 q = q_in.to(gl.float32)                                                      # [D]
                 k_cols = k_in.to(gl.float32) * beta                                          # [D]
                 key_shared.store(k_cols)             # k at each thread's rows, through shared memory
