@@ -20,6 +20,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   ahead" (each solver loads its next item's inputs during the current one), "spread store 4 with inputs ahead",
   "value partition with spread store 4", "value partition with inputs ahead", "value partition with spread
   store 2 and inputs ahead" (with 4 parts: the default);
+- "value partition loads": the default above num_iter 10 with ``value_partition="loads"`` (the value partition
+  copies the h_kv tiles itself, the loader only h_kk's);
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
@@ -191,6 +193,7 @@ def variants(text: str) -> dict:
     found["value partition with spread store 4"] = long_solve(text, True, 4, False)
     found["value partition with inputs ahead"] = long_solve(text, True, 0, True)
     found["value partition with spread store 2 and inputs ahead"] = long_solve(text, True, 2, True)   # (4: default)
+    found["value partition loads"] = long_solve(text, '"loads"', 4, True)   # the default with value_partition="loads"
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
         found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["swapped solvers"] = swapped(base)

@@ -6,7 +6,7 @@ over through a ring of shared-memory buffers and mbarriers whose waits compare p
 waits, copies and arrivals of every partition (a model written from the kernel: the tile order of
 ``_ws_loader``, the buffer map of ``_slot``, the solvers' and the value partition's waits) under many random
 interleavings, with the copies landing at random later times, and checks for every ring order and value mode
-(``_ring_order``: 0, 1, 2; value partition none / resident / readback) and 1 to 9 items per program that
+(``_ring_order``: 0, 1, 2; value partition none / resident / readback / loads) and 1 to 9 items per program that
 
 - every run finishes (no deadlock),
 - every wait is released by the phase it means: a barrier never runs two phases ahead of a waiter (a parity
@@ -19,6 +19,7 @@ import random
 import pytest
 
 TRIALS = 300
+LOADS_WAIT = True     # value 3: the loader's wait for item 1's h_kk release before item 3's (the kernel's)
 
 
 class Barrier:
@@ -54,8 +55,10 @@ def full_barrier(tile, order):
     return 2 * (j % 2) + is_kv, j // 2
 
 
-def loader_tiles(count, slots, order):
-    """The loader's tile order (``_ws_loader``)."""
+def loader_tiles(count, slots, order, value=0):
+    """The loader's tile order (``_ws_loader``; value partition "loads": its h_kk tiles only)."""
+    if value == 3:
+        return [2 * j for j in range(count)]
     tiles = [2 * a for a in range(min(2, count))] if order == 2 else []
     for j in range(count):
         if order == 2:
@@ -88,13 +91,15 @@ def run(count, slots, order, value, rng):
         free[slot].completed += 1
 
     def loader():
-        for tile in loader_tiles(count, slots, order):
+        for tile in loader_tiles(count, slots, order, value):
+            while LOADS_WAIT and value == 3 and tile == 6 and not free[2].passes(0):   # item 3's h_kk: item 1's read
+                yield
             slot, use = ring_slot(tile, slots, order)
             while use > 0 and not free[slot].passes(use - 1):
                 yield
             assert buffers[slot][0] in ("empty", "read"), (tile, buffers[slot])
             buffers[slot] = ("landing", tile)
-            landing.append((slot, tile))
+            landing.append((slot, tile, False))
             yield
 
     def solver(which):
@@ -115,7 +120,29 @@ def run(count, slots, order, value, rng):
                 yield
             assert mixed[j % 2] == j
 
-        if value == 2:     # h_kv' at once (item j + 1's before item j's o), o later from it read back
+        def copy_own(j):       # value 3: the partition's own cp.async of item j's h_kv (no full barrier)
+            slot, _ = ring_slot(2 * j + 1, slots, order)
+            assert buffers[slot][0] in ("empty", "read"), (j, buffers[slot])
+            buffers[slot] = ("landing", 2 * j + 1)
+            landing.append((slot, 2 * j + 1, True))
+
+        if value == 3:     # items 0 and 1's h_kv first (1's once buffer 2's h_kk was read), then j + 2's after j
+            for ahead in range(min(2, count)):
+                slot, use = ring_slot(2 * ahead + 1, slots, order)
+                while use > 0 and not free[slot].passes(use - 1):
+                    yield
+                copy_own(ahead)
+                yield
+            for j in range(count):
+                slot, _ = ring_slot(2 * j + 1, slots, order)
+                while buffers[slot] != ("full", 2 * j + 1):     # wait_group on its own copies
+                    yield
+                yield from wait_mixed(j)
+                buffers[slot] = ("read", 2 * j + 1)
+                mixed_free[j % 2].completed += 1
+                if j + 2 < count:
+                    copy_own(j + 2)
+        elif value == 2:     # h_kv' at once (item j + 1's before item j's o), o later from it read back
             if count:
                 yield from take(1)
             for j in range(count):
@@ -141,10 +168,11 @@ def run(count, slots, order, value, rng):
         if not live and not landing:
             return
         if landing and (not live or rng.random() < 0.3):      # a copy lands (in any order)
-            slot, tile = landing.pop(rng.randrange(len(landing)))
+            slot, tile, own = landing.pop(rng.randrange(len(landing)))
             buffers[slot] = ("full", tile)
-            index, _ = full_barrier(tile, order)
-            full[index].completed += 1
+            if not own:       # the loader's copies arrive on the tile's full barrier
+                index, _ = full_barrier(tile, order)
+                full[index].completed += 1
             continue
         partition = rng.choice(live)
         try:
@@ -158,6 +186,7 @@ def run(count, slots, order, value, rng):
     (2, 0, 0), (3, 0, 0), (3, 1, 0),            # without a value partition: two buffers, the mirror's, EARLY
     (2, 0, 1), (3, 0, 1), (3, 1, 1),            # value_partition=True
     (3, 2, 2),                                  # value_partition="readback"
+    (3, 1, 3),                                  # value_partition="loads"
 ])
 def test_every_interleaving_finishes_with_the_right_tiles(slots, order, value):
     rng = random.Random(slots * 100 + order * 10 + value)
@@ -185,3 +214,13 @@ def test_the_model_catches_a_broken_order():
                 run(4, 3, 1, 0, rng)
     finally:
         globals()["ring_slot"] = original
+
+
+def test_the_model_catches_item_3_loaded_too_early_with_loads(monkeypatch):
+    """Without the loader's wait for item 1's h_kk release, item 3's h_kk (value partition "loads": no h_kv tile
+    in between) can land on solver 1's full barrier before solver 1 waited for item 1's: two phases ahead."""
+    monkeypatch.setitem(globals(), "LOADS_WAIT", False)
+    with pytest.raises(AssertionError, match="fell behind"):
+        rng = random.Random(1)
+        for _ in range(TRIALS):
+            run(6, 3, 1, 3, rng)

@@ -223,6 +223,8 @@ def test_pipelined_defaults_follow_num_iter(monkeypatch):
     assert tuning(30, value_partition=False, spread_store=0, inputs_ahead=False) == dict(
         VALUE=0, SPREAD=0, AHEAD=0, MIRROR=0, LOADER_WARPS=1)
     assert tuning(10, value_partition=True) == dict(VALUE=1, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=4)
+    monkeypatch.setattr(gluon_decode, "LONG_SOLVE", dict(gluon_decode.LONG_SOLVE, value_partition="loads"))
+    assert tuning(30) == dict(VALUE=3, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4)
 
 
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):

@@ -109,9 +109,9 @@ if GLUON:
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
                               MIRROR, VALUE)),
-                (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale,
-                             first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
-                             MIRROR, VALUE))],
+                (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr,
+                             scale, first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
+                             MIRROR, VALUE, COPY_ROWS))],
                 [gl.num_warps(), LOADER_WARPS, gl.num_warps()], [SOLVER_REGS, LOADER_REGS, VALUE_REGS])
         else:
             gl.warp_specialize([
@@ -206,15 +206,18 @@ if GLUON:
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
 
     @gluon.jit
-    def _ws_value(ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, scale, first,
-                  stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
+    def _ws_value(ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr, scale,
+                  first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
                   D: gl.constexpr, HAS_BETA: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
-                  VALUE: gl.constexpr):
+                  VALUE: gl.constexpr, COPY_ROWS: gl.constexpr):
         """The value partition: for the program's items in order, S' = exp(g) S + k v^T from the h_kv tile
         (stored to h_kv_out) and o = scale S'^T q' once the item's solver has handed over q', in chunks of
         CHUNK rows (few registers: the solvers keep theirs). VALUE 1: one pass once q' is there, then the tile's
         buffer is released. VALUE 2 (readback): S' as soon as the tile lands (item j + 1's before item j's o),
-        the buffer released at once, and o from S' read back from global memory (its own stores, mostly in L2)."""
+        the buffer released at once, and o from S' read back from global memory (its own stores, mostly in L2).
+        VALUE 3: as 1, but this partition copies the h_kv tiles itself (cp.async, item j + 2's into item j's
+        buffer once read; the loader copies only h_kk), so that h_kk's copies neither wait for an h_kv buffer
+        nor land behind h_kv's (a loader lane's cp.async arrival tracks all its earlier copies)."""
         CHUNK: gl.constexpr = 32
         LAYOUT: gl.constexpr = gl.BlockedLayout([CHUNK // 4, 4], [4, 8], [1, gl.num_warps()], [1, 0])  # [CHUNK, D]
         ROWS: gl.constexpr = gl.SliceLayout(1, LAYOUT)
@@ -244,6 +247,19 @@ if GLUON:
                 mbarrier.arrive(mixed_free.index(j % 2))
                 gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
         else:
+            if VALUE == 3:   # this partition copies the h_kv tiles: items 0 and 1's now (1's once h_kk 1 is read)
+                VEC: gl.constexpr = 128 // h_kv_ptr.dtype.element_ty.primitive_bitwidth
+                COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1],
+                                                      [1, 0])
+                offsets = (gl.expand_dims(gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY)), 1) * D
+                           + gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, COPY)), 0))   # [COPY_ROWS, D]
+                for ahead in gl.static_range(2):
+                    if ahead < count:
+                        slot, use = _slot(2 * ahead + 1, SLOTS, ORDER)
+                        mbarrier.wait(free.index(slot), 0, pred=use > 0)      # buffer 2: item 1's h_kk read
+                        _copy_rows(ring.index(slot), h_kv_ptr + (first + ahead * stride).to(gl.int64) * (D * D),
+                                   offsets, offsets, D, COPY_ROWS, False)
+                        async_copy.commit_group()
             for j in range(count):
                 item = first + j * stride
                 kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_ptr, NUM_HEADS, GROUP, D,
@@ -251,7 +267,14 @@ if GLUON:
                 v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
                 decay = gl.exp(g)
                 slot, _ = _slot(2 * j + 1, SLOTS, ORDER)
-                mbarrier.wait(full.index(2 * (j % 2) + 1), (j // 2) & 1)                   # h_kv landed
+                if VALUE == 3:     # its own copies: item j's landed (item j + 1's may still be in flight)
+                    if j + 1 < count:
+                        async_copy.wait_group(1)
+                    else:
+                        async_copy.wait_group(0)
+                    gl.thread_barrier()
+                else:
+                    mbarrier.wait(full.index(2 * (j % 2) + 1), (j // 2) & 1)               # h_kv landed
                 mbarrier.wait(mixed_full.index(j % 2), (j // 2) & 1)                        # q' written
                 o = gl.zeros([D], gl.float32, COLS)
                 for chunk in gl.static_range(D // CHUNK):
@@ -262,9 +285,15 @@ if GLUON:
                     mixed_rows = mixed.index(j % 2).slice(chunk * CHUNK, CHUNK).load(ROWS)  # q' at the rows
                     o += gl.sum(s * gl.expand_dims(mixed_rows, 1), axis=0)
                 gl.thread_barrier()                          # every warp has read the tile and q'
-                mbarrier.arrive(free.index(slot))
+                if VALUE != 3:
+                    mbarrier.arrive(free.index(slot))
                 mbarrier.arrive(mixed_free.index(j % 2))
                 gl.store(o_ptr + item * D + cols, (scale * o).to(o_ptr.dtype.element_ty))
+                if VALUE == 3:
+                    if j + 2 < count:      # item j + 2's h_kv into the buffer just read
+                        _copy_rows(ring.index(slot), h_kv_ptr + (item + 2 * stride).to(gl.int64) * (D * D), offsets,
+                                   offsets, D, COPY_ROWS, False)
+                        async_copy.commit_group()
 
     @gluon.jit
     def _value_update(ring, full, free, k_ptr, v_ptr, beta_ptr, g_ptr, first, stride, j, h_kv_out_ptr, rows, cols,
@@ -317,12 +346,14 @@ if GLUON:
                     _load_tile(ring, full.index(j % 2), free, 2 * j + 4, h_kk_ptr + state + 2 * stride * (D * D),
                                offsets, chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
             elif ORDER != 1 or j != 1:
+                if VALUE == 3 and j == 3:   # item 3's h_kk lands on item 1's full barrier: only once item 1's h_kk
+                    mbarrier.wait(free.index(2), 0)   # was read (without h_kv tiles nothing else orders the two)
                 _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
                            SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
             if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early
                 _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
                            D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
-            if ORDER != 2:
+            if ORDER != 2 and VALUE != 3:      # (VALUE 3: the value partition copies the h_kv tiles)
                 _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets,
                            chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
 
@@ -367,7 +398,8 @@ if GLUON:
     @gluon.constexpr_function
     def _ring_order(SLOTS, MIRROR, VALUE):
         """How the pipelined form maps tiles to buffers (``_slot``): 0 in turn (two buffers, or three with the
-        mirror), 1 item 1's h_kk early (three buffers), 2 two h_kk buffers and one h_kv (VALUE 2)."""
+        mirror), 1 item 1's h_kk early (three buffers; with VALUE 3 the loader copies only the h_kk tiles), 2 two
+        h_kk buffers and one h_kv (VALUE 2)."""
         if VALUE == 2:
             return 2
         return 1 if SLOTS == 3 and MIRROR == 0 else 0
@@ -380,14 +412,20 @@ if GLUON:
         are zero-filled, reading nothing)."""
         slot, use = _slot(tile, SLOTS, ORDER)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
-        buffer = ring.index(slot)
+        _copy_rows(ring.index(slot), source, offsets, chunk_ends, D, COPY_ROWS, UPPER)
+        async_copy.mbarrier_arrive(full, increment_count=False)
+
+    @gluon.jit
+    def _copy_rows(buffer, source, offsets, chunk_ends, D: gl.constexpr, COPY_ROWS: gl.constexpr,
+                   UPPER: gl.constexpr):
+        """cp.async of the [D, D] tile at ``source`` into ``buffer``, COPY_ROWS rows (``offsets``) at a time
+        (UPPER: as ``_load_tile``)."""
         for row in gl.static_range(0, D, COPY_ROWS):
             if UPPER:
                 async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets,
                                                        mask=chunk_ends >= row)
             else:
                 async_copy.async_copy_global_to_shared(buffer.slice(row, COPY_ROWS), source + row * D + offsets)
-        async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
     def _take_tile(ring, full, phase, free, tile, layout: gl.constexpr, BLOCKS: gl.constexpr, RB: gl.constexpr,
