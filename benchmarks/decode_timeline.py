@@ -63,6 +63,8 @@ LOADER_FIRST = (   # before h_kk's copies (ORDER 2: before h_kv's, then the next
     "            if not EARLY or j != 1:\n",
     "            _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state,")
 LOADER_KV = (
+    "            if ORDER != 2 and VALUE != 3:      # (VALUE 3: the value partition copies the h_kv tiles)\n"
+    "                _load_tile(ring, full.index(2 * (j % 2) + 1)",
     "            if ORDER != 2:\n                _load_tile(ring, full.index(2 * (j % 2) + 1)",
     "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,")
 LOADER_KV_END = (

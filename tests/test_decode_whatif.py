@@ -56,4 +56,5 @@ def test_the_timeline_marks_find_their_anchors():
         for mark in (8, 9, 10):
             assert text.count(f"_mark(trace_ptr, first, j, {mark})") == 1, mark
         assert "_mark(trace_ptr, first, j, 8)\n            if ORDER == 2:\n" in text   # not inside the if
+        assert "_mark(trace_ptr, first, j, 9)\n            if ORDER != 2 and VALUE != 3:" in text   # nor this one
         assert timeline.X_STORE not in text.split("def _ws_solver")[1].split("@gluon.jit")[0]
