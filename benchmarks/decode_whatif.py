@@ -66,7 +66,7 @@ NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the b
 BLOCKS_DEFAULT = "PIPELINED_BLOCKS = 1 "
 LONG_SOLVE = "LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)\n"
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
-LOADER_LOOP = "            state = item.to(gl.int64) * (D * D)\n"      # (in the loader's loop: before "if ORDER")
+LOADER_LOOP = "            state = item.to(gl.int64) * (D * D)\n"      # (in the loader's loop)
 CLAIMS = ("CLAIM_ITEMS = True\n", "CLAIM_ITEMS = False\n")
 PREFETCH = '''    @gluon.jit
     def _prefetch_l2(source):
@@ -87,14 +87,13 @@ def edit_last(text: str, old: str, new: str) -> str:
 
 
 def prefetching(text: str, distance: int) -> str:
-    assert text.count(LOADER_LOOP + "            if ORDER == 2:\n") == 1
+    assert LOADER_LOOP in text
     loop = LOADER_LOOP + (f"            if j + {distance} < count:\n"
                           f"                ahead = (first + (j + {distance}) * stride).to(gl.int64) * (D * D)\n"
                           "                _prefetch_l2(h_kk_ptr + ahead)\n"
                           "                _prefetch_l2(h_kv_ptr + ahead)\n")
     slot = "    @gluon.jit\n    def _slot("
-    anchor = LOADER_LOOP + "            if ORDER == 2:\n"
-    return text.replace(anchor, loop + "            if ORDER == 2:\n").replace(slot, PREFETCH + slot)
+    return text.replace(LOADER_LOOP, loop).replace(slot, PREFETCH + slot)
 
 
 MIRROR_ON = ("MIRROR_MAX_ITER = 10 ", "MIRROR_MAX_ITER = 1000 ")
