@@ -66,7 +66,7 @@ NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the b
 BLOCKS_DEFAULT = "PIPELINED_BLOCKS = 1 "
 LONG_SOLVE = "LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)\n"
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
-LOADER_LOOP = "            state = item.to(gl.int64) * (D * D)\n"      # (in the loader's loop)
+LOADER_LOOP = "        while item < num_items:\n            state = item.to(gl.int64) * (D * D)\n"
 CLAIMS = ("CLAIM_ITEMS = True\n", "CLAIM_ITEMS = False\n")
 PREFETCH = '''    @gluon.jit
     def _prefetch_l2(source):
