@@ -199,8 +199,8 @@ def variants(text: str) -> dict:
     found["value partition with inputs ahead"] = long_solve(static, True, 0, True)
     found["value partition with spread store 2 and inputs ahead"] = long_solve(static, True, 2, True)   # (4: default)
     found["value partition loads"] = long_solve(static, '"loads"', 4, True)   # the default with value_partition="loads"
-    for blocks in (2, 4):   # static items with more FMA chains per thread (offline: no spills, 425-489
-        found[f"blocks {blocks}"] = static.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # instr. / 2 iter.)
+    for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
+        found[f"blocks {blocks}"] = static.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
