@@ -76,11 +76,6 @@ KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_p
                "                          NUM_HEADS")
 CALL = "    o, x, h_kk, h_kv = triton_call("
 OUT_SHAPES = "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],\n"
-# Since claim_items: the claims counter is the kernel's last output; the trace goes after it.
-CLAIM_OUTS = "o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, claims_ptr,\n"
-CLAIM_CALL = "    o, x, h_kk, h_kv, *_ = triton_call("
-CLAIM_SHAPES = "        out_shape.append(jax.ShapeDtypeStruct((1,), jnp.int32))\n"
-CLAIM_ZEROED = "zeroed_outputs=(4,) if"   # the trace zeroed too: a program's rows are its items, the rest stay 0
 RETURN = "    return GKAResult(o, x, h_kk, h_kv)"
 
 
@@ -106,21 +101,14 @@ def traced(text: str) -> str:
     ]
     for old, new in edits:
         text = decode_whatif.edit_last(text, old, new)
-    trace_shape = f"jax.ShapeDtypeStruct((programs * {ROWS * MARKS},), jnp.int32)"
-    claims = CLAIM_CALL in text
-    outputs = (CLAIM_OUTS, CLAIM_CALL, CLAIM_SHAPES) if claims else (KERNEL_OUTS, CALL, OUT_SHAPES)
-    assert text.count(SOLVER_X) in (2, 4) and all(a in text for a in (LOADER_DEF, LOADER_ARGS, RETURN) + outputs)
+    assert text.count(SOLVER_X) in (2, 4) and all(a in text for a in (LOADER_DEF, LOADER_ARGS, KERNEL_OUTS, CALL,
+                                                                  OUT_SHAPES, RETURN))
     text = text.replace(SOLVER_X, SOLVER_X.replace("x_ptr", "trace_ptr"))   # the solvers get the trace as x_ptr
     text = text.replace(LOADER_DEF, LOADER_DEF + " trace_ptr,").replace(LOADER_ARGS, LOADER_ARGS + " trace_ptr,")
-    if claims:
-        text = text.replace(CLAIM_OUTS, CLAIM_OUTS.replace("claims_ptr,", "claims_ptr, trace_ptr,"))
-        text = text.replace(CLAIM_CALL, CLAIM_CALL.replace("*_ =", "_, trace ="))
-        text = text.replace(CLAIM_SHAPES, CLAIM_SHAPES + f"        out_shape.append({trace_shape})\n")
-        text = text.replace(CLAIM_ZEROED, CLAIM_ZEROED.replace("(4,)", "(4, 5)"))
-    else:
-        text = text.replace(KERNEL_OUTS, KERNEL_OUTS.replace("h_kv_out_ptr,", "h_kv_out_ptr, trace_ptr,"))
-        text = text.replace(CALL, CALL.replace("h_kv =", "h_kv, trace ="))
-        text = text.replace(OUT_SHAPES, OUT_SHAPES.replace("],\n", f",\n                   {trace_shape}],\n"))
+    text = text.replace(KERNEL_OUTS, KERNEL_OUTS.replace("h_kv_out_ptr,", "h_kv_out_ptr, trace_ptr,"))
+    text = text.replace(CALL, CALL.replace("h_kv =", "h_kv, trace ="))
+    text = text.replace(OUT_SHAPES, OUT_SHAPES.replace(
+        "],\n", f",\n                   jax.ShapeDtypeStruct((programs * {ROWS * MARKS},), jnp.int32)],\n"))
     text = text.replace(RETURN, RETURN.replace("(o, x,", "(o, trace,"))
     slot = "    @gluon.jit\n    def _slot("
     return text.replace(slot, CLOCK + slot)
@@ -190,11 +178,7 @@ def main():
                 programs = trace.size // (ROWS * MARKS)
                 marks = trace.reshape(programs, ROWS, MARKS)
                 items = b * x["q"].shape[1]
-                if decode_whatif.CLAIMS[0] in sources[name]:   # claimed items: the rows written (zeroed trace)
-                    counts = (marks[:, :, 5] != 0).sum(axis=1)
-                else:
-                    counts = np.array([(items - p + programs - 1) // programs for p in range(programs)])
-                assert counts.sum() == items, (counts.sum(), items)
+                counts = np.array([(items - p + programs - 1) // programs for p in range(programs)])
                 saved[f"{name}|{b}|{num_iter}"] = marks
 
                 def plain_step(x, h_kk, h_kv, module=plain[name]):

@@ -20,8 +20,6 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   ahead" (each solver loads its next item's inputs during the current one), "spread store 4 with inputs ahead",
   "value partition with spread store 4", "value partition with inputs ahead", "value partition with spread
   store 2 and inputs ahead" (with 4 parts: the default);
-- "static items": the default with ``claim_items`` off (every P-th item per program, the eighth session's default;
-  the variants below and "previous default" have it off too, as when they were measured);
 - "value partition loads": the default above num_iter 10 with ``value_partition="loads"`` (the value partition
   copies the h_kv tiles itself, the loader only h_kk's);
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
@@ -66,8 +64,7 @@ NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the b
 BLOCKS_DEFAULT = "PIPELINED_BLOCKS = 1 "
 LONG_SOLVE = "LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)\n"
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
-LOADER_LOOP = "        while item < num_items:\n            state = item.to(gl.int64) * (D * D)\n"
-CLAIMS = ("CLAIM_ITEMS = True\n", "CLAIM_ITEMS = False\n")
+LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
 PREFETCH = '''    @gluon.jit
     def _prefetch_l2(source):
         """L2 prefetch of a [128, 128] fp32 tile by one warp: 2 KiB a lane."""
@@ -165,14 +162,12 @@ def variants(text: str) -> dict:
     """The variants of ``text``: "default" is the text itself; the others are edits of "previous default" (the
     default before 2026-11-29's eighth session: no value partition, h_kk' stored before the solve, inputs
     loaded per item), so that their names keep their meaning."""
-    static = text.replace(*CLAIMS)
-    base = long_solve(static, False, 0, False)
+    base = long_solve(text, False, 0, False)
     tail = ("            if j + 2 >= count:\n    " + SOLVE.replace("NUM_ITER", "0") + "            else:\n    "
             + SOLVE)
     assert all(anchor in text for anchor in (H_KV_STORE, SWIZZLED, PLAIN, LOADER_REGS, H_KK_LOAD))
     found = {
         "default": text,
-        "static items": static,
         "previous default": base,
         "no h_kv' store": base.replace(H_KV_STORE, ""),
         "no h_kk' store": edit_last(base, H_KK_STORE, NO_STORE),
@@ -192,15 +187,15 @@ def variants(text: str) -> dict:
     found["value partition without the mirror"] = found["value partition"].replace(*MIRROR_OFF)
     found["value partition readback"] = base.replace(*VALUE_READBACK)
     for parts in (2, 4, 8):
-        found[f"spread store {parts}"] = long_solve(static, False, parts, False)
-    found["inputs ahead"] = long_solve(static, False, 0, True)
-    found["spread store 4 with inputs ahead"] = long_solve(static, False, 4, True)
-    found["value partition with spread store 4"] = long_solve(static, True, 4, False)
-    found["value partition with inputs ahead"] = long_solve(static, True, 0, True)
-    found["value partition with spread store 2 and inputs ahead"] = long_solve(static, True, 2, True)   # (4: default)
-    found["value partition loads"] = long_solve(static, '"loads"', 4, True)   # the default with value_partition="loads"
+        found[f"spread store {parts}"] = long_solve(text, False, parts, False)
+    found["inputs ahead"] = long_solve(text, False, 0, True)
+    found["spread store 4 with inputs ahead"] = long_solve(text, False, 4, True)
+    found["value partition with spread store 4"] = long_solve(text, True, 4, False)
+    found["value partition with inputs ahead"] = long_solve(text, True, 0, True)
+    found["value partition with spread store 2 and inputs ahead"] = long_solve(text, True, 2, True)   # (4: default)
+    found["value partition loads"] = long_solve(text, '"loads"', 4, True)   # the default with value_partition="loads"
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
-        found[f"blocks {blocks}"] = static.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
+        found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):

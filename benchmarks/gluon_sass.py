@@ -49,12 +49,12 @@ KERNELS = {
         warps=lambda d: d // 32),
     "decode_ws": dict(   # the pipelined form
         fn=lambda: gluon_decode_ring._decode_ws_kernel,
-        signature=dict(DECODE_SIGNATURE, claims_ptr="*i32"),
+        signature=DECODE_SIGNATURE,
         constants=dict(DECODE_CONSTANTS, BLOCKS=gluon_decode.PIPELINED_BLOCKS, SLOTS=gluon_decode.DEFAULT_SLOTS,
                        COPY_ROWS=8,
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS, MIRROR=0, VALUE=0,
-                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=0, AHEAD=0, CLAIM=0),
+                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=0, AHEAD=0),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")

@@ -21,7 +21,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 34
+    assert len(variants) == 33
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -32,10 +32,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     assert "_prefetch_l2(h_kv_ptr + ahead)" in variants["L2 prefetch 2 ahead"]
     assert "MIRROR_MAX_ITER = 1000 " in variants["mirror"]
     assert tool.LONG_SOLVE in source and tool.LONG_SOLVE not in variants["previous default"]
-    static = source.replace(*tool.CLAIMS)
-    assert tool.CLAIMS[0] in source and variants["static items"] == static
-    assert tool.CLAIMS[0] not in variants["previous default"] and tool.CLAIMS[0] not in variants["blocks 2"]
-    assert variants["spread store 4"] == tool.long_solve(static, False, 4, False)
+    assert variants["spread store 4"] == tool.long_solve(source, False, 4, False)
     folder = str(REPO / "gka_jax/kernels")
     assert tool.choose(["default@" + folder]) == {"default@" + folder: source}
     assert "from gka_jax.kernels.gluon_decode_" not in source       # one module: the edits reach every part
@@ -50,11 +47,9 @@ def test_the_timeline_marks_find_their_anchors():
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
     tool = load_tool()
-    for name in ("default", "static items", "mirror", "value partition", "value partition readback"):
+    for name in ("default", "mirror", "value partition", "value partition readback"):
         text = timeline.traced(tool.variants(tool.kernel_source())[name])
         ast.parse(text)
-        # the trace goes after the claims counter (an output whether or not the items are claimed), zeroed with it
-        assert "claims_ptr, trace_ptr," in text and "zeroed_outputs=(4, 5)" in text
         for mark in (0, 1, 2, 3, 5):
             assert text.count(f"_mark(x_ptr, first, j, {mark})") == 1, mark
         assert text.count("_mark(x_ptr, first, j, 4)") == 2     # before the output, or before the hand-over

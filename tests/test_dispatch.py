@@ -214,19 +214,17 @@ def test_pipelined_defaults_follow_num_iter(monkeypatch):
         gluon_decode.gka_decode(q, k, k, None, jnp.zeros((b, h)), None, states, states, num_iter=num_iter,
                                 ridge_strength=0.02, scale=1.0, form="pipelined", **options)
         found = launched.pop()
-        assert found["zeroed_outputs"] == (4,) and found["out_shape"][4].shape == (1,)   # the claims counter
-        return {key: found[key] for key in ("VALUE", "SPREAD", "AHEAD", "MIRROR", "LOADER_WARPS", "CLAIM")}
+        return {key: found[key] for key in ("VALUE", "SPREAD", "AHEAD", "MIRROR", "LOADER_WARPS")}
     assert gluon_decode.MIRROR_MAX_ITER == 10
-    assert tuning(30) == dict(VALUE=1, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4, CLAIM=1)
-    assert tuning(11) == dict(VALUE=1, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4, CLAIM=1)
-    assert tuning(10) == dict(VALUE=0, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=1, CLAIM=1)
-    assert tuning(30, loader_warps=1) == dict(VALUE=0, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=1, CLAIM=1)
-    assert tuning(30, value_partition=False, spread_store=0, inputs_ahead=False, claim_items=False) == dict(
-        VALUE=0, SPREAD=0, AHEAD=0, MIRROR=0, LOADER_WARPS=1, CLAIM=0)
-    assert tuning(10, value_partition=True) == dict(VALUE=1, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=4, CLAIM=1)
-    assert tuning(30, value_partition="readback")["CLAIM"] == 0      # (claims need no value partition or True)
+    assert tuning(30) == dict(VALUE=1, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4)
+    assert tuning(11) == dict(VALUE=1, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4)
+    assert tuning(10) == dict(VALUE=0, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=1)
+    assert tuning(30, loader_warps=1) == dict(VALUE=0, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=1)
+    assert tuning(30, value_partition=False, spread_store=0, inputs_ahead=False) == dict(
+        VALUE=0, SPREAD=0, AHEAD=0, MIRROR=0, LOADER_WARPS=1)
+    assert tuning(10, value_partition=True) == dict(VALUE=1, SPREAD=0, AHEAD=0, MIRROR=1, LOADER_WARPS=4)
     monkeypatch.setattr(gluon_decode, "LONG_SOLVE", dict(gluon_decode.LONG_SOLVE, value_partition="loads"))
-    assert tuning(30) == dict(VALUE=3, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4, CLAIM=0)
+    assert tuning(30) == dict(VALUE=3, SPREAD=4, AHEAD=1, MIRROR=0, LOADER_WARPS=4)
 
 
 def test_pipelined_decode_is_refused_off_hopper(monkeypatch):

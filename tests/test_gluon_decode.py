@@ -21,7 +21,6 @@ if not gluon_decode.AVAILABLE or jax.default_backend() != "gpu":
     pytest.skip("the Gluon kernel needs jax-triton and an NVIDIA GPU", allow_module_level=True)
 
 RIDGE = 0.02
-GKA_FIELDS = ("o", "x", "h_kk", "h_kv")
 HOPPER = gluon_call.on_hopper()
 
 
@@ -130,34 +129,6 @@ def test_inputs_ahead_item_counts(b, num_iter, spread, no_beta, no_alpha, value)
     assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
 
 
-@pytest.mark.parametrize("b, num_iter, options", [
-    (1, 30, {}), (33, 10, {}), (134, 30, {}), (301, 30, {}), (301, 10, {}), (67, 0, {}),
-    (40, 29, dict(value_partition=False, inputs_ahead=False, spread_store=0)),
-    (301, 30, dict(value_partition=False, inputs_ahead=True)), (134, 10, dict(slots=2, loader_warps=1)),
-    (201, 3, dict(loader_warps=1, mirror=False))])
-def test_claimed_items_give_the_static_result(b, num_iter, options):
-    """claim_items (each program claims its next item from a counter): every item computed exactly once, with
-    the same arithmetic as items dealt out in advance, so the results are bitwise those of claim_items=False,
-    and equal the reference's; 1 to 10 items per program (H = 4) and under the defaults at both num_iter
-    ranges. Two calls of one compiled step: the counter is zeroed again before each launch."""
-    args = decode_inputs(81, b=b, d=128, g_kk=b % 2 == 1)
-    if not HOPPER:
-        pytest.skip("the pipelined form runs on Hopper GPUs only")
-    arrays = {n: None if a is None else jnp.asarray(a) for n, a in args.items()}
-
-    def step(claim_items):
-        return jax.jit(functools.partial(gluon_decode.gka_decode, num_iter=num_iter, ridge_strength=RIDGE,
-                                         scale=128 ** -0.5, form="pipelined", claim_items=claim_items, **options))
-
-    claimed, static = step(True), step(False)
-    for _ in range(2):
-        got = claimed(*(arrays[n] for n in NAMES + STATES), g_kk=arrays["g_kk"])
-        want = static(*(arrays[n] for n in NAMES + STATES), g_kk=arrays["g_kk"])
-        for name, a, w in zip(GKA_FIELDS, got, want):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(w), err_msg=name)
-    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
-
-
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
@@ -193,12 +164,6 @@ def test_pipelined_options_are_checked():
         run_gluon(args, 10, form="pipelined", inputs_ahead=1)
     with pytest.raises(ValueError, match="inputs_ahead=True needs the pipelined form"):
         run_gluon(args, 10, form="item", inputs_ahead=True)
-    with pytest.raises(ValueError, match="claim_items=1 is not a bool"):
-        run_gluon(args, 10, form="pipelined", claim_items=1)
-    with pytest.raises(ValueError, match="claim_items=True needs the pipelined form"):
-        run_gluon(args, 10, form="item", claim_items=True)
-    with pytest.raises(ValueError, match="claim_items=True needs the pipelined form with value_partition off"):
-        run_gluon(args, 30, form="pipelined", value_partition="loads", claim_items=True)
 
 
 def test_zero_state_first_token():

@@ -34,7 +34,7 @@ BACKENDS = ("pallas", "xla", "pallas_interpret")
 DECODE_KERNELS = ("auto", "gluon", "pallas")
 _PALLAS_DECODE_OPTIONS = {"split", "matvec", "num_warps", "value_num_warps", "value_block"}
 _GLUON_DECODE_OPTIONS = {"form", "blocks", "lanes", "maxnreg", "slots", "loader_warps", "mirror",
-                         "value_partition", "spread_store", "inputs_ahead", "claim_items"}
+                         "value_partition", "spread_store", "inputs_ahead"}
 
 
 def decode_kernel(q, k, v, h_kk, h_kv, *, kernel: str = "auto", options=(), gluon_available=None,

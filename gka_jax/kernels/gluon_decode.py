@@ -59,9 +59,6 @@ SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many par
 # up to it (the mirror's range, where they measured slower) none of them.
 LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)
 SHORT_SOLVE = dict(value_partition=False, spread_store=0, inputs_ahead=False)
-# The pipelined form claims its items from a counter (``claim_items``) by default, where it can (no value
-# partition or a resident one).
-CLAIM_ITEMS = True
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -172,7 +169,7 @@ def _multiprocessors() -> int:
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
                loader_warps=None, mirror=None, value_partition=None, spread_store=None,
-               inputs_ahead=None, claim_items=None) -> GKAResult:
+               inputs_ahead=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -205,9 +202,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     - ``inputs_ahead`` (pipelined form; default as ``value_partition``'s): each solver loads its next item's q,
       k, v, beta, g, g_kk and alpha while the current item runs, so that no global load waits on its path
       (beta k reaches each thread's rows through shared memory).
-    - ``claim_items`` (pipelined form, ``value_partition`` off or True; default on there): the programs
-      claim their items from a counter as they go (``gluon_decode_ring._claim``) rather than take every
-      P-th item, so that the fast SMs take the items a slow one would have finished last.
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -270,13 +264,6 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"inputs_ahead={inputs_ahead!r} is not a bool")
     if inputs_ahead and form != "pipelined":
         raise ValueError(f"inputs_ahead=True needs the pipelined form; got form={form!r}")
-    if claim_items is None:
-        claim_items = CLAIM_ITEMS and form == "pipelined" and value < 2
-    if not isinstance(claim_items, (bool, np.bool_)):
-        raise ValueError(f"claim_items={claim_items!r} is not a bool")
-    if claim_items and (form != "pipelined" or value >= 2):
-        raise ValueError(f"claim_items=True needs the pipelined form with value_partition off or True; got "
-                         f"form={form!r}, value_partition={value_partition!r}")
     if value and loader_warps != VALUE_LOADER_WARPS:
         raise ValueError(f"value_partition=True needs loader_warps={VALUE_LOADER_WARPS} (4 + 4 + 4 + 4 warps fill "
                          f"the register file exactly); got loader_warps={loader_warps}")
@@ -288,22 +275,18 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
                       MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS, SPREAD=spread_store,
-                      AHEAD=int(inputs_ahead), CLAIM=int(claim_items))
+                      AHEAD=int(inputs_ahead))
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
-    out_shape = [jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
-                 jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
-                 jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)]
-    if form == "pipelined":   # the counter the programs claim items from (read only with claim_items)
-        out_shape.append(jax.ShapeDtypeStruct((1,), jnp.int32))
-    o, x, h_kk, h_kv, *_ = triton_call(
+    o, x, h_kk, h_kv = triton_call(
         q, k, v, present(beta), g, present(g_kk), present(alpha), h_kk, h_kv,
         np.float32(scale), np.float32(ridge_strength), num_items,   # fp32 scalars (a Python float is fp64)
         kernel=kernel,
-        out_shape=out_shape,
-        zeroed_outputs=(4,) if form == "pipelined" else (),   # (a memset in the same call, before the launch)
+        out_shape=[jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
+                   jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
+                   jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
+                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],
         grid=(programs,),
         num_warps=d // 32,          # the pipelined form's solver partitions have as many
         input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)

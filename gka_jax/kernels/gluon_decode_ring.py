@@ -27,20 +27,16 @@ if GLUON:
     from .gluon_decode_math import _decay_add_outer, _item_inputs, _item_rows, _item_scalars, _solve, _state_layout
     from .gluon_decode_math import _value_and_output
 
-    IDS = gl.constexpr(8)            # CLAIM: entries in the ring of claimed items
-    CLAIM_AHEAD = gl.constexpr(2)    # CLAIM: the loader claims item j + 2 before it copies item j's states
-
     @gluon.jit
     def _decode_ws_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
                           scale, ridge, num_items,
-                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, claims_ptr,
+                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                           LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr,
-                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr,
-                          CLAIM: gl.constexpr):
+                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -65,14 +61,7 @@ if GLUON:
         VALUE: a third partition of num_warps warps (``_ws_value``) takes each item's h_kv tile and computes
         S' and o, so that the solvers only hand it q' (through ``mixed``: mixed_full[s] says that solver s's
         q' is written, mixed_free[s] that the value partition has read it). Then the value partition, not
-        the solver, waits for the h_kv tiles (in item order) and releases their buffers.
-
-        CLAIM: the items are not dealt out in advance (pid, pid + P, ...) but claimed: the loader takes the
-        program's next item from a global counter (``claims_ptr``, zeroed before the launch) CLAIM_AHEAD items
-        ahead of the item whose states it copies, and passes the claims to the other partitions through a ring of IDS
-        entries in shared memory (ids_full[position % IDS] says that the entry is written). A program that
-        runs fast takes more items, so the SMs finish together rather than the slowest program's items
-        setting the step's time. A claim of num_items or more ends the program's items."""
+        the solver, waits for the h_kv tiles (in item order) and releases their buffers."""
         if MIRROR > 0:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
@@ -99,16 +88,10 @@ if GLUON:
         mixed = gl.allocate_shared_memory(gl.float32, [2, D], VECTOR)        # q' of solver 0 / 1 (VALUE)
         mixed_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mixed_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        ids = gl.allocate_shared_memory(gl.int32, [IDS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))   # (CLAIM)
-        ids_full = gl.allocate_shared_memory(gl.int64, [IDS, 1], mbarrier.MBarrierLayout())
-        if CLAIM:
-            for index in gl.static_range(IDS):
-                mbarrier.init(ids_full.index(index), count=1)
         if VALUE:
             for index in gl.static_range(2):
                 mbarrier.init(mixed_full.index(index), count=1)
                 mbarrier.init(mixed_free.index(index), count=1)
-        gl.static_assert(CLAIM == 0 or VALUE < 2, "claimed items need the value partition off or resident")
         first = gl.program_id(0)
         stride = gl.num_programs(0)
         count = (num_items - first + stride - 1) // stride       # this program's items
@@ -118,44 +101,40 @@ if GLUON:
             gl.warp_specialize([
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0, mixed, mixed_full, mixed_free,
                               q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
-                              count, num_items, ids, ids_full, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD, CLAIM)),
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1, mixed, mixed_full, mixed_free,
                               q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
-                              count, num_items, ids, ids_full, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD, CLAIM)),
-                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, num_items, ids, ids_full,
-                              claims_ptr, D, SLOTS, COPY_ROWS, MIRROR, VALUE, CLAIM)),
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
+                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
+                              MIRROR, VALUE)),
                 (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr,
-                             scale, first, stride, count, num_items, ids, ids_full, o_ptr, h_kv_out_ptr, NUM_HEADS,
-                             GROUP, D, HAS_BETA, SLOTS, MIRROR, VALUE, COPY_ROWS, CLAIM))],
+                             scale, first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
+                             MIRROR, VALUE, COPY_ROWS))],
                 [gl.num_warps(), LOADER_WARPS, gl.num_warps()], [SOLVER_REGS, LOADER_REGS, VALUE_REGS])
         else:
             gl.warp_specialize([
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0, mixed, mixed_full, mixed_free,
                               q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
-                              count, num_items, ids, ids_full, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD, CLAIM)),
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1, mixed, mixed_full, mixed_free,
                               q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
-                              count, num_items, ids, ids_full, o_ptr,
-                              x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
-                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD, CLAIM)),
-                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, num_items, ids, ids_full,
-                              claims_ptr, D, SLOTS, COPY_ROWS, MIRROR, VALUE, CLAIM))],
+                              count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
+                              HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
+                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
+                              MIRROR, VALUE))],
                 [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, key_shared, mixed_shared, mixed_full,
-                   mixed_free, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                   stride, count, num_items, ids, ids_full, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
-                   NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                   mixed_free, q_ptr, k_ptr, v_ptr, beta_ptr,
+                   g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
+                   h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                    HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
-                   VALUE: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr, CLAIM: gl.constexpr):
+                   VALUE: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr):
         """Items j = which, which + 2, ... of this program: the step of ``_decode_kernel`` on tiles from the
         ring (S stays in its buffer until o is computed). VALUE: up to q', which goes to the value partition
         (``_ws_value``) through ``mixed_shared``."""
@@ -169,16 +148,15 @@ if GLUON:
                 + gl.expand_dims(gl.arange(0, RB, layout=gl.SliceLayout(0, ROW)), 0))     # [BLOCKS, RB]
         cols = gl.arange(0, D, layout=COL)                                                # [D]
         square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)   # [BLOCKS, RB, D]
-        j = which
-        item = _item_at(j, ids, ids_full, first, stride, num_items, CLAIM)      # item = b * H + h
-        if AHEAD:    # the inputs of the solver's first item (of an item that exists even if it has none)
-            ahead = _item_inputs(gl.minimum(item, num_items - 1), q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr,
-                                 alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA, HAS_G_KK, HAS_ALPHA)
-        while item < num_items:
+        if AHEAD:    # the inputs of the solver's first item (an item that exists: first < num_items)
+            ahead = _item_inputs(first + gl.minimum(which, gl.maximum(count - 1, 0)) * stride, q_ptr, k_ptr, v_ptr,
+                                 beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA,
+                                 HAS_G_KK, HAS_ALPHA)
+        for j in range(which, count, 2):
+            item = first + j * stride                   # item = b * H + h
             if AHEAD:    # this item's inputs were loaded an item ahead; now the next item's (the last: again)
                 beta, g, g_kk, alpha, q_in, k_in, v_in = ahead
-                after = _item_at(j + 2, ids, ids_full, first, stride, num_items, CLAIM)
-                ahead = _item_inputs(gl.where(after < num_items, after, item), q_ptr, k_ptr, v_ptr, beta_ptr,
+                ahead = _item_inputs(first + gl.minimum(j + 2, count - 1) * stride, q_ptr, k_ptr, v_ptr, beta_ptr,
                                      g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA, HAS_G_KK,
                                      HAS_ALPHA)
                 kv_row, state = _item_rows(item, NUM_HEADS, GROUP, D)
@@ -226,16 +204,12 @@ if GLUON:
                 _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                                   o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
-            if not AHEAD:
-                after = _item_at(j + 2, ids, ids_full, first, stride, num_items, CLAIM)
-            j += 2
-            item = after
 
     @gluon.jit
     def _ws_value(ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr, scale,
-                  first, stride, count, num_items, ids, ids_full, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr,
-                  GROUP: gl.constexpr, D: gl.constexpr, HAS_BETA: gl.constexpr, SLOTS: gl.constexpr,
-                  MIRROR: gl.constexpr, VALUE: gl.constexpr, COPY_ROWS: gl.constexpr, CLAIM: gl.constexpr):
+                  first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                  D: gl.constexpr, HAS_BETA: gl.constexpr, SLOTS: gl.constexpr, MIRROR: gl.constexpr,
+                  VALUE: gl.constexpr, COPY_ROWS: gl.constexpr):
         """The value partition: for the program's items in order, S' = exp(g) S + k v^T from the h_kv tile
         (stored to h_kv_out) and o = scale S'^T q' once the item's solver has handed over q', in chunks of
         CHUNK rows (few registers: the solvers keep theirs). VALUE 1: one pass once q' is there, then the tile's
@@ -286,9 +260,8 @@ if GLUON:
                         _copy_rows(ring.index(slot), h_kv_ptr + (first + ahead * stride).to(gl.int64) * (D * D),
                                    offsets, offsets, D, COPY_ROWS, False)
                         async_copy.commit_group()
-            j = 0
-            item = _item_at(j, ids, ids_full, first, stride, num_items, CLAIM)
-            while item < num_items:
+            for j in range(count):
+                item = first + j * stride
                 kv_row, state, beta, g, _ = _item_scalars(item, beta_ptr, g_ptr, g_ptr, NUM_HEADS, GROUP, D,
                                                           HAS_BETA, False)
                 v_cols = gl.load(v_ptr + kv_row * D + cols).to(gl.float32) * beta           # [D]
@@ -321,8 +294,6 @@ if GLUON:
                         _copy_rows(ring.index(slot), h_kv_ptr + (item + 2 * stride).to(gl.int64) * (D * D), offsets,
                                    offsets, D, COPY_ROWS, False)
                         async_copy.commit_group()
-                j += 1
-                item = _item_at(j, ids, ids_full, first, stride, num_items, CLAIM)
 
     @gluon.jit
     def _value_update(ring, full, free, k_ptr, v_ptr, beta_ptr, g_ptr, first, stride, j, h_kv_out_ptr, rows, cols,
@@ -346,14 +317,13 @@ if GLUON:
         mbarrier.arrive(free.index(slot))
 
     @gluon.jit
-    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, num_items, ids, ids_full, claims_ptr,
-                   D: gl.constexpr, SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr,
-                   VALUE: gl.constexpr, CLAIM: gl.constexpr):
+    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver (or the value partition) has released that buffer's previous tile, in the order of t;
         with three buffers and no mirror, the second item's h_kk comes second (before the first item's h_kv,
         ``_slot``). MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it (52% of
-        the bytes at D = 128). CLAIM: the items are claimed here (``_claim``), CLAIM_AHEAD ahead."""
+        the bytes at D = 128)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
@@ -367,20 +337,8 @@ if GLUON:
                     _load_tile(ring, full.index(ahead), free, 2 * ahead,
                                h_kk_ptr + (first + ahead * stride).to(gl.int64) * (D * D), offsets, chunk_ends, D,
                                SLOTS, COPY_ROWS, False, ORDER)
-        gl.static_assert(CLAIM_AHEAD == 2, "the loader holds items j and j + 1 and claims j + 2")
-        if CLAIM:
-            item = _claim(0, ids, ids_full, claims_ptr)
-            following = _claim(1, ids, ids_full, claims_ptr)
-        else:
-            item = first
-            following = first + stride
-        j = 0
-        while item < num_items:
-            if CLAIM:   # before item j's copies: after them, item 1's h_kv would wait for solver 1 to take item
-                after = _claim(j + 2, ids, ids_full, claims_ptr)    # 1's h_kk, and solver 1 for claim 3 first
-            else:
-                after = following + stride
-            state = item.to(gl.int64) * (D * D)
+        for j in range(count):
+            state = (first + j * stride).to(gl.int64) * (D * D)
             if ORDER == 2:
                 _load_tile(ring, full.index(2), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends, D, SLOTS,
                            COPY_ROWS, False, ORDER)
@@ -392,41 +350,12 @@ if GLUON:
                     mbarrier.wait(free.index(2), 0)   # was read (without h_kv tiles nothing else orders the two)
                 _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
                            SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
-            if ORDER == 1 and j == 0 and following < num_items:        # item 1's h_kk, early
-                _load_tile(ring, full.index(2), free, 2, h_kk_ptr + following.to(gl.int64) * (D * D), offsets,
-                           chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
+            if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early
+                _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
+                           D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
             if ORDER != 2 and VALUE != 3:      # (VALUE 3: the value partition copies the h_kv tiles)
                 _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets,
                            chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
-            j += 1
-            item = following
-            following = after
-
-    @gluon.jit
-    def _claim(position, ids, ids_full, claims_ptr):
-        """CLAIM: the loader's claim of the program's item at ``position`` (the counter's next value; num_items
-        or more once every item is taken), written to the ring entry that ids_full[position % IDS] announces.
-        The entry's previous claim (position - IDS) was read long before: a partition falls at most a few
-        items behind the loader, whose copies wait for the buffers of the items before."""
-        ONE: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        item = gl.atomic_add(claims_ptr, 1, sem="relaxed")
-        entry = position % IDS
-        ids.index(entry).store(gl.full([1], item, gl.int32, ONE))
-        gl.thread_barrier()                               # every lane's store, before the announcement
-        mbarrier.arrive(ids_full.index(entry))
-        return item
-
-    @gluon.jit
-    def _item_at(position, ids, ids_full, first, stride, num_items, CLAIM: gl.constexpr):
-        """The program's item at ``position`` (num_items or more: it has no more): first + position stride
-        when the items are dealt out in advance, or the loader's claim (CLAIM: once it is written)."""
-        if CLAIM:
-            ONE: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-            entry = position % IDS
-            mbarrier.wait(ids_full.index(entry), (position // IDS) & 1)
-            return gl.max(ids.index(entry).load(ONE), axis=0)
-        else:
-            return first + position * stride
 
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr, ORDER: gl.constexpr):
