@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -53,6 +54,8 @@ X_STORE = "            gl.store(x_ptr + item * D + cols, x.to(x_ptr.dtype.elemen
 OUTPUT = (   # (the S phase one level deeper since the value partition)
     "                _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n",
     "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n")
+AHEAD_ISSUED = ("                                     HAS_ALPHA)\n"   # inputs_ahead: the next item's loads issued
+                "                kv_row, state = _item_rows(item, NUM_HEADS, GROUP, D)\n")
 HANDOFF = "                mbarrier.wait(mixed_free.index(which), ((j // 2) + 1) & 1, pred=j >= 2)\n"
 ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
@@ -94,6 +97,7 @@ def traced(text: str) -> str:
         (X_STORE, mark(3)),
         (output, mark(4, at(output)) + output),
         *([(HANDOFF, mark(4, at(HANDOFF)) + HANDOFF)] if HANDOFF in text else []),   # the value partition's
+        *([(AHEAD_ISSUED, AHEAD_ISSUED.replace("\n", "\n" + mark(6, " " * 16), 1))] if AHEAD_ISSUED in text else []),
         (ITEM_END, ITEM_END + mark(5)),
         (found(LOADER_FIRST), loader_mark(8) + found(LOADER_FIRST)),
         (found(LOADER_KV), loader_mark(9) + found(LOADER_KV)),
@@ -114,14 +118,16 @@ def traced(text: str) -> str:
     return text.replace(slot, CLOCK + slot)
 
 
-def summarize(marks: np.ndarray, counts: np.ndarray, cycles_per_us: float) -> dict:
+def summarize(marks: np.ndarray, counts: np.ndarray, cycles_per_us: float, ahead: bool = False) -> dict:
     """Mean per item (us) of the solver's stages, over the programs' items; marks [P, ROWS, MARKS] (cycles,
-    relative to each program's first mark, signed), counts [P] items per program."""
+    relative to each program's first mark, signed), counts [P] items per program; ahead: the solvers ran with
+    inputs_ahead (mark 6 written)."""
     stages = {"wait h_kk": (0, 1), "decay + h_kk' store": (1, 2), "solve": (2, 3), "wait h_kv + take": (3, 4),
               "output + h_kv' store": (4, 5),   # the loader's (h_kk through the ring only):
               "loader: h_kk wait + issue": (8, 9), "loader: h_kv wait + issue": (9, 10)}
     found = {name: [] for name in stages}
-    found["solver idle between items"], both, spans, first_take = [], [], [], []
+    found["solver idle between items"], found["inputs ahead issued to take"] = [], []
+    both, spans, first_take = [], [], []
     for program, count in enumerate(counts):
         m = marks[program, :count].astype(np.int64)
         m = (m - m[0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)   # cycles from the first mark (32-bit clock)
@@ -130,6 +136,8 @@ def summarize(marks: np.ndarray, counts: np.ndarray, cycles_per_us: float) -> di
         for which in (0, 1):
             items = m[which::2]
             found["solver idle between items"] += list(items[1:, 0] - items[:-1, 5])
+            if ahead:     # from the next item's input loads issued to the take
+                found["inputs ahead issued to take"] += list(items[1:, 0] - items[1:, 6])
         solving = [(m[j, 2], m[j, 3]) for j in range(count)]
         overlap = sum(max(0, min(a1, b1) - max(a0, b0)) for i, (a0, a1) in enumerate(solving)
                       for (b0, b1) in solving[i + 1:])
@@ -186,17 +194,19 @@ def main():
                                           num_iter=num_iter, ridge_strength=RIDGE, scale=SCALE, form="pipelined")
                     return r.o, r.h_kk, r.h_kv
                 us = 1000 * time_decode_loop(plain_step, x, jnp.asarray(kk), jnp.asarray(kv))
-                stats = summarize(marks, counts, args.clock_mhz)
+                ahead = num_iter > 10 and re.search(r"LONG_SOLVE = dict\(.*inputs_ahead=True", sources[name])
+                stats = summarize(marks, counts, args.clock_mhz, bool(ahead))
                 rows.append((b, num_iter, name, us, stats))
                 print(f"{b} {num_iter} {name}: {us:.1f} us untraced; " + "; ".join(
                     f"{k} {v:.3f}" for k, v in stats.items()), flush=True)
     if args.out:
         np.savez_compressed(os.path.join(args.out, "decode_timeline.npz"), **saved)
-    keys = list(rows[0][4])
+    keys = list(dict.fromkeys(key for row in rows for key in row[4]))   # (stages some variants lack: "-")
     print("\n| B | num_iter | variant | decode us | " + " | ".join(keys) + " |")
     print("| --- " * (4 + len(keys)) + "|")
     for b, num_iter, name, us, stats in rows:
-        print(f"| {b} | {num_iter} | {name} | {us:.1f} | " + " | ".join(f"{stats[k]:.2f}" for k in keys) + " |")
+        cells = (f"{stats[k]:.2f}" if k in stats else "-" for k in keys)
+        print(f"| {b} | {num_iter} | {name} | {us:.1f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "value partition loads": the default above num_iter 10 with ``value_partition="loads"`` (the value partition
   copies the h_kv tiles itself, the loader only h_kk's);
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
+- "zeroed counter output": the default with an unused [1] output zeroed before each launch (what a counter of
+  claimed items costs before it claims anything: ``claim_items``, docs/kernels.md "Tried and dropped");
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
   solver's path cost what the mirror costs?);
@@ -196,6 +198,7 @@ def variants(text: str) -> dict:
     found["value partition loads"] = long_solve(text, '"loads"', 4, True)   # the default with value_partition="loads"
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
         found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
+    found["zeroed counter output"] = zeroed_output(text)
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
@@ -220,6 +223,24 @@ def kernel_source(path: str = "") -> str:
                 texts.append(SIBLING_IMPORT.sub("", f.read()))
         text = "\n\n".join([texts[0]] + [part.replace(FUTURE, "") for part in texts[1:]])
     return text.replace("from .", "from gka_jax.kernels.")
+
+
+ZEROED = (("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n",
+           "                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, counter_ptr,\n"),
+          ("    o, x, h_kk, h_kv = triton_call(", "    o, x, h_kk, h_kv, *_ = triton_call("),
+          ("                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],\n",
+           "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)]\n"
+           "        + ([jax.ShapeDtypeStruct((1,), jnp.int32)] if form == \"pipelined\" else []),\n"
+           "        zeroed_outputs=(4,) if form == \"pipelined\" else (),\n"))
+
+
+def zeroed_output(text: str) -> str:
+    """``text`` whose pipelined kernel gets an extra [1] int32 output, unused, zeroed before each launch
+    (jax-triton's ``zeroed_outputs``: a memset in the same call), as a counter of claimed items would be."""
+    for old, new in ZEROED:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
 
 
 def choose(names: list) -> dict:
