@@ -42,6 +42,13 @@ CLOCK = '''    @gluon.jit
                                         pack=1)
         gl.store(trace_ptr + (program * ROWS + row) * MARKS + mark, now)
 
+    @gluon.jit
+    def _stamp(trace_ptr, program, row, mark: gl.constexpr):
+        """Store the GPU's nanosecond timer (%globaltimer, low 32 bits: one clock for every SM) there."""
+        now = gl.inline_asm_elementwise("mov.u32 $0, %globaltimer_lo;", "=r,r", [row], dtype=gl.int32,
+                                        is_pure=False, pack=1)
+        gl.store(trace_ptr + (program * ROWS + row) * MARKS + mark, now)
+
 '''.replace("ROWS", str(ROWS)).replace("MARKS", str(MARKS))
 
 # Anchors in gluon_decode.py's source; the later entries of a tuple match earlier versions of it (the saved
@@ -56,6 +63,8 @@ OUTPUT = (   # (the S phase one level deeper since the value partition)
     "            _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,\n")
 AHEAD_ISSUED = ("                                     HAS_ALPHA)\n"   # inputs_ahead: the next item's loads issued
                 "                kv_row, state = _item_rows(item, NUM_HEADS, GROUP, D)\n")
+SOLVER_START = ("        square = gl.expand_dims(rows, 2) * D + gl.expand_dims(gl.expand_dims(cols, 0), 0)"
+                "   # [BLOCKS, RB, D]\n")
 HANDOFF = "                mbarrier.wait(mixed_free.index(which), ((j // 2) + 1) & 1, pred=j >= 2)\n"
 ITEM_END = ("            gl.thread_barrier()                            "
             "# the iterate buffers are reused by the next item\n")
@@ -86,19 +95,21 @@ def traced(text: str) -> str:
     """``text`` (gluon_decode.py's source or a what-if variant of it) with the marks; its gka_decode returns the
     trace [programs * ROWS * MARKS] int32 in place of x (pipelined form only)."""
     mark = lambda n, at="            ": f"{at}_mark(x_ptr, first, j, {n})\n"  # noqa: E731
+    stamp = lambda n, row="j": f"            _stamp(x_ptr, first, {row}, {n})\n"  # noqa: E731  (global ns)
     loader_mark = lambda n: f"            _mark(trace_ptr, first, j, {n})\n"  # noqa: E731
     found = lambda anchors: next(a for a in anchors if a in text)  # noqa: E731
     output = found(OUTPUT)
     at = lambda anchor: anchor[:len(anchor) - len(anchor.lstrip(" "))]  # noqa: E731  (its indentation)
     edits = [
-        (found(SOLVER_TAKE), mark(0) + found(SOLVER_TAKE)),
+        (found(SOLVER_TAKE), mark(0) + stamp(12) + found(SOLVER_TAKE)),
+        (SOLVER_START, SOLVER_START + stamp(11, "first * 0 + which")[4:]),
         (DECAY, mark(1) + DECAY),
         (decode_whatif.H_KK_STORE, decode_whatif.H_KK_STORE + mark(2)),
         (X_STORE, mark(3)),
         (output, mark(4, at(output)) + output),
         *([(HANDOFF, mark(4, at(HANDOFF)) + HANDOFF)] if HANDOFF in text else []),   # the value partition's
         *([(AHEAD_ISSUED, AHEAD_ISSUED.replace("\n", "\n" + mark(6, " " * 16), 1))] if AHEAD_ISSUED in text else []),
-        (ITEM_END, ITEM_END + mark(5)),
+        (ITEM_END, ITEM_END + mark(5) + stamp(13)),
         (found(LOADER_FIRST), loader_mark(8) + found(LOADER_FIRST)),
         (found(LOADER_KV), loader_mark(9) + found(LOADER_KV)),
         (found(LOADER_KV_END), found(LOADER_KV_END) + loader_mark(10)),
@@ -149,6 +160,14 @@ def summarize(marks: np.ndarray, counts: np.ndarray, cycles_per_us: float, ahead
     result["both solving, share of the program"] = float(np.mean(both))
     result["program span"] = float(np.mean(spans)) / cycles_per_us
     result["first h_kk in registers"] = float(np.mean(first_take)) / cycles_per_us
+    # From the global ns timer (marks 11-13; one clock for all SMs): the solvers' starts and the last item's end.
+    stamps = [(marks[p, :2, 11], marks[p, :count, 12], marks[p, :count, 13]) for p, count in enumerate(counts)]
+    origin = min(int(s.min()) for s, _, _ in stamps)
+    ns = lambda v: ((np.asarray(v, np.int64) - origin) % (1 << 32)) / 1000.0  # noqa: E731  (us from the first start)
+    starts = np.array([ns(s).min() for s, _, _ in stamps])
+    result["solver starts: spread"] = float(starts.max())
+    result["solver start to first take"] = float(np.mean([ns(t[0]) - ns(s[0]) for s, t, _ in stamps]))
+    result["last item end (global)"] = float(max(ns(e).max() for _, _, e in stamps))
     return result
 
 

@@ -25,6 +25,9 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
 - "zeroed counter output": the default with an unused [1] output zeroed before each launch (what a counter of
   claimed items costs before it claims anything: ``claim_items``, docs/kernels.md "Tried and dropped");
+- "copies before the first inputs": the default without the loader's wait for the solvers' first input loads
+  (the order before the ninth session: the loader's first copies went out first);
+- "default with the mirror": the default (``LONG_SOLVE`` above num_iter 10) with the mirror at every num_iter;
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
   solver's path cost what the mirror costs?);
@@ -199,6 +202,9 @@ def variants(text: str) -> dict:
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
         found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["zeroed counter output"] = zeroed_output(text)
+    assert text.count(STARTED_WAIT[0]) == 1
+    found["copies before the first inputs"] = text.replace(*STARTED_WAIT)
+    found["default with the mirror"] = text.replace(*MIRROR_ON)
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
@@ -232,6 +238,9 @@ ZEROED = (("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\
            "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)]\n"
            "        + ([jax.ShapeDtypeStruct((1,), jnp.int32)] if form == \"pipelined\" else []),\n"
            "        zeroed_outputs=(4,) if form == \"pipelined\" else (),\n"))
+
+
+STARTED_WAIT = ("            mbarrier.wait(started.index(0), 0)\n", "            pass\n")
 
 
 def zeroed_output(text: str) -> str:

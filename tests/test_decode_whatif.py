@@ -21,7 +21,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 34
+    assert len(variants) == 36
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -52,6 +52,9 @@ def test_the_timeline_marks_find_their_anchors():
         ast.parse(text)
         for mark in (0, 1, 2, 3, 5):
             assert text.count(f"_mark(x_ptr, first, j, {mark})") == 1, mark
+        for stamp in (12, 13):   # the global timer at the take and the item's end, and at the solver's start
+            assert text.count(f"_stamp(x_ptr, first, j, {stamp})") == 1, stamp
+        assert text.count("_stamp(x_ptr, first, first * 0 + which, 11)") == 1
         assert text.count("_mark(x_ptr, first, j, 4)") == 2     # before the output, or before the hand-over
         for mark in (8, 9, 10):
             assert text.count(f"_mark(trace_ptr, first, j, {mark})") == 1, mark
