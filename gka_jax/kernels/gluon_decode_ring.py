@@ -159,6 +159,8 @@ if GLUON:
             ahead = _item_inputs(first + gl.minimum(which, gl.maximum(count - 1, 0)) * stride, q_ptr, k_ptr, v_ptr,
                                  beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA,
                                  HAS_G_KK, HAS_ALPHA)
+            gl.thread_barrier()                  # every warp's loads issued: now the loader's bulk copies
+            mbarrier.arrive(started.index(0))
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
             if AHEAD:    # this item's inputs were loaded an item ahead; now the next item's (the last: again)
@@ -171,8 +173,6 @@ if GLUON:
                 k_cols = k_in.to(gl.float32) * beta                                          # [D]
                 key_shared.store(k_cols)             # k at each thread's rows, through shared memory
                 gl.thread_barrier()
-                if j == which:   # the first inputs have landed (k is stored): now the loader's copies may start
-                    mbarrier.arrive(started.index(0))
                 k_rows = key_shared.reshape([BLOCKS, RB]).load(ROW)                          # [BLOCKS, RB]
             else:
                 kv_row, state, beta, g, g_kk = _item_scalars(item, beta_ptr, g_ptr, g_kk_ptr, NUM_HEADS, GROUP, D,
@@ -213,9 +213,6 @@ if GLUON:
                 _value_and_output(s, g, k_rows, v_cols, mixed, iterate_b, h_kv_out_ptr + state + square,
                                   o_ptr + item * D + cols, scale, BLOCKS, RB, ROW)
             gl.thread_barrier()                            # the iterate buffers are reused by the next item
-        if AHEAD:
-            if count <= which:      # no item: the loader must not wait for this solver's first inputs
-                mbarrier.arrive(started.index(0))
 
     @gluon.jit
     def _ws_value(ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr, scale,
@@ -344,7 +341,7 @@ if GLUON:
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         ORDER: gl.constexpr = _ring_order(SLOTS, MIRROR, VALUE)
-        if AHEAD:   # the solvers' first inputs first: behind the first copies of every SM they took 7-8 us
+        if AHEAD:   # the solvers' first inputs go out first, not behind this SM's first 192 KiB of copies
             mbarrier.wait(started.index(0), 0)
         if ORDER == 2:   # both solvers' first h_kk, then item j's h_kv and item j + 2's h_kk in turn
             for ahead in gl.static_range(2):
