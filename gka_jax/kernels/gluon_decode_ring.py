@@ -88,9 +88,6 @@ if GLUON:
         mixed = gl.allocate_shared_memory(gl.float32, [2, D], VECTOR)        # q' of solver 0 / 1 (VALUE)
         mixed_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mixed_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        started = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())   # (AHEAD)
-        if AHEAD:
-            mbarrier.init(started.index(0), count=2)
         if VALUE:
             for index in gl.static_range(2):
                 mbarrier.init(mixed_full.index(index), count=1)
@@ -103,17 +100,15 @@ if GLUON:
         if VALUE:
             gl.warp_specialize([
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0, mixed, mixed_full, mixed_free,
-                              started, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                              stride,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
                               count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1, mixed, mixed_full, mixed_free,
-                              started, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                              stride,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
                               count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
-                              MIRROR, VALUE, started, AHEAD)),
+                              MIRROR, VALUE)),
                 (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr,
                              scale, first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
                              MIRROR, VALUE, COPY_ROWS))],
@@ -121,22 +116,20 @@ if GLUON:
         else:
             gl.warp_specialize([
                 (_ws_solver, (0, ring, full, free, iterate_0a, iterate_0b, key_0, mixed, mixed_full, mixed_free,
-                              started, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                              stride,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
                               count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_solver, (1, ring, full, free, iterate_1a, iterate_1b, key_1, mixed, mixed_full, mixed_free,
-                              started, q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first,
-                              stride,
+                              q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
                               count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
                 (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
-                              MIRROR, VALUE, started, AHEAD))],
+                              MIRROR, VALUE))],
                 [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
     def _ws_solver(which: gl.constexpr, ring, full, free, iterate_a, iterate_b, key_shared, mixed_shared, mixed_full,
-                   mixed_free, started, q_ptr, k_ptr, v_ptr, beta_ptr,
+                   mixed_free, q_ptr, k_ptr, v_ptr, beta_ptr,
                    g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride, count, o_ptr, x_ptr, h_kk_out_ptr,
                    h_kv_out_ptr, NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                    NUM_ITER: gl.constexpr, BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
@@ -159,8 +152,6 @@ if GLUON:
             ahead = _item_inputs(first + gl.minimum(which, gl.maximum(count - 1, 0)) * stride, q_ptr, k_ptr, v_ptr,
                                  beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA,
                                  HAS_G_KK, HAS_ALPHA)
-            gl.thread_barrier()                  # every warp's loads issued: now the loader's bulk copies
-            mbarrier.arrive(started.index(0))
         for j in range(which, count, 2):
             item = first + j * stride                   # item = b * H + h
             if AHEAD:    # this item's inputs were loaded an item ahead; now the next item's (the last: again)
@@ -327,8 +318,7 @@ if GLUON:
 
     @gluon.jit
     def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr, started,
-                   AHEAD: gl.constexpr):
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver (or the value partition) has released that buffer's previous tile, in the order of t;
         with three buffers and no mirror, the second item's h_kk comes second (before the first item's h_kv,
@@ -341,8 +331,6 @@ if GLUON:
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         ORDER: gl.constexpr = _ring_order(SLOTS, MIRROR, VALUE)
-        if AHEAD:   # the solvers' first inputs go out first, not behind this SM's first 192 KiB of copies
-            mbarrier.wait(started.index(0), 0)
         if ORDER == 2:   # both solvers' first h_kk, then item j's h_kv and item j + 2's h_kk in turn
             for ahead in gl.static_range(2):
                 if ahead < count:
