@@ -23,6 +23,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "value partition loads": the default above num_iter 10 with ``value_partition="loads"`` (the value partition
   copies the h_kv tiles itself, the loader only h_kk's);
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
+- "copy rows 4" / "copy rows 16": the default with the loader copying 4 / 16 rows of a tile per round (8);
 - "zeroed counter output": the default with an unused [1] output zeroed before each launch (what a counter of
   claimed items costs before it claims anything: ``claim_items``, docs/kernels.md "Tried and dropped");
 - "first h_kk alone": the loader waits for item 0's h_kk to land before its other copies (at the start every SM
@@ -202,6 +203,9 @@ def variants(text: str) -> dict:
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
         found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["zeroed counter output"] = zeroed_output(text)
+    for rows in (4, 16):   # rows of a tile per cp.async round of the loader (8: the default)
+        assert text.count("COPY_ROWS=8,") == 1
+        found[f"copy rows {rows}"] = text.replace("COPY_ROWS=8,", f"COPY_ROWS={rows},")
     assert text.count(EARLY_H_KK) == 1
     found["first h_kk alone"] = text.replace(EARLY_H_KK, FIRST_ALONE + EARLY_H_KK)
     found["default with the mirror"] = text.replace(*MIRROR_ON)
