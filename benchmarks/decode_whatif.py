@@ -23,7 +23,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "value partition loads": the default above num_iter 10 with ``value_partition="loads"`` (the value partition
   copies the h_kv tiles itself, the loader only h_kk's);
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
-- "copy rows 4" / "copy rows 16": the default with the loader copying 4 / 16 rows of a tile per round (8);
+- "copy rows 4" / "copy rows 16": the default with the loader copying 4 / 16 rows of a tile per round (8; "copy
+  rows 4" above num_iter 10 only: the one-warp loader of the mirror's range covers 8 rows at a time);
 - "zeroed counter output": the default with an unused [1] output zeroed before each launch (what a counter of
   claimed items costs before it claims anything: ``claim_items``, docs/kernels.md "Tried and dropped");
 - "first h_kk alone": the loader waits for item 0's h_kk to land before its other copies (at the start every SM
