@@ -187,6 +187,7 @@ def run(count, slots, order, value, rng):
     (2, 0, 1), (3, 0, 1), (3, 1, 1),            # value_partition=True
     (3, 2, 2),                                  # value_partition="readback"
     (3, 1, 3),                                  # value_partition="loads"
+    (3, 2, 1),                                  # value_partition="single" (the resident tile, order 2)
 ])
 def test_every_interleaving_finishes_with_the_right_tiles(slots, order, value):
     rng = random.Random(slots * 100 + order * 10 + value)

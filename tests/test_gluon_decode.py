@@ -96,11 +96,14 @@ def test_mirror_reads_only_the_upper_triangle(b, num_iter):
     (1, 30, "readback", False, 3), (33, 10, "readback", False, 3), (67, 0, "readback", False, 3),
     (134, 29, "readback", False, 3), (301, 30, "readback", False, 3),
     (1, 30, "loads", False, 3), (33, 10, "loads", False, 3), (67, 0, "loads", False, 3), (134, 29, "loads", False, 3),
-    (301, 30, "loads", False, 3), (201, 3, "loads", False, 3)])
+    (301, 30, "loads", False, 3), (201, 3, "loads", False, 3),
+    (1, 30, "single", False, 3), (33, 10, "single", False, 3), (67, 0, "single", False, 3),
+    (134, 29, "single", False, 3), (301, 30, "single", False, 3), (201, 3, "single", False, 3)])
 def test_value_partition_item_counts(b, num_iter, mode, mirror, slots):
     """value_partition (h_kv' and o by a partition of their own, q' handed over per solver) with 1 to 10 items
-    per program: h_kv resident until o (with and without the mirror, two and three buffers), read back, or
-    copied by the value partition itself ("loads")."""
+    per program: h_kv resident until o (with and without the mirror, two and three buffers; "single": in one
+    buffer, each solver's h_kk in one of its own), read back, or copied by the value partition itself
+    ("loads")."""
     args = decode_inputs(51, b=b, d=128, g_kk=b % 2 == 1)
     got = run_gluon(args, num_iter, form="pipelined", value_partition=mode, mirror=mirror, slots=slots)
     assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
@@ -156,6 +159,8 @@ def test_pipelined_options_are_checked():
         run_gluon(args, 10, form="pipelined", value_partition="readback", slots=2)
     with pytest.raises(ValueError, match="value_partition='loads' needs slots=3 without the mirror"):
         run_gluon(args, 10, form="pipelined", value_partition="loads", mirror=True)
+    with pytest.raises(ValueError, match="value_partition='single' needs slots=3 without the mirror"):
+        run_gluon(args, 10, form="pipelined", value_partition="single", slots=2)
     with pytest.raises(ValueError, match="spread_store=3 is not one of"):
         run_gluon(args, 10, form="pipelined", spread_store=3)
     with pytest.raises(ValueError, match="spread_store=4 needs the pipelined form"):

@@ -51,7 +51,7 @@ PIPELINED_HEAD_DIMS = (128,)
 SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of the second solver, the loader
 VALUE_REGS = 80           # pipelined form, value_partition: registers per thread of the value partition (4 warps)
 VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, none padded (16 warps)
-VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2, "loads": 3}   # -> VALUE
+VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2, "loads": 3, "single": 4}   # -> VALUE
 SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many parts over the solve (0: before it)
 # The pipelined form's defaults for value_partition, spread_store and inputs_ahead: above MIRROR_MAX_ITER
 # (h_kk read whole) the value partition, h_kk' stored in 4 parts over the solve and each solver's next inputs
@@ -196,7 +196,9 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       lands and o computed from it read back, so that one h_kv buffer is enough and each solver gets an h_kk
       buffer of its own ("readback" measured slower, docs/benchmarks.md); "loads" (three buffers, no mirror;
       not yet run on a GPU): as True, but the value partition copies the h_kv tiles itself and the loader only
-      h_kk's, which then neither wait for an h_kv buffer nor land behind an h_kv tile.
+      h_kk's, which then neither wait for an h_kv buffer nor land behind an h_kv tile; "single" (three buffers,
+      no mirror; measured in the ninth session): as True, with one h_kv buffer and one h_kk buffer per solver
+      (h_kk copied an item ahead; each h_kv tile copied once the previous item's o is done).
     - ``spread_store`` (pipelined form; ``SPREAD_PARTS``; default as ``value_partition``'s): h_kk' stored in
       this many parts, one before each run of the solve's iterations (``_solve``), rather than all before it.
     - ``inputs_ahead`` (pipelined form; default as ``value_partition``'s): each solver loads its next item's q,
@@ -245,7 +247,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     loader_warps = loader_warps or (VALUE_LOADER_WARPS if value else DEFAULT_LOADER_WARPS)
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
-        mirror = value not in (2, 3) and default_mirror(form, slots, fp32_states, int(num_iter))
+        mirror = value not in (2, 3, 4) and default_mirror(form, slots, fp32_states, int(num_iter))
     if not isinstance(mirror, (bool, np.bool_)):
         raise ValueError(f"mirror={mirror!r} is not a bool")
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
@@ -253,7 +255,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
-    if value in (2, 3) and (slots != 3 or mirror):
+    if value in (2, 3, 4) and (slots != 3 or mirror):
         raise ValueError(f"value_partition={value_partition!r} needs slots=3 without the mirror; got slots={slots}, "
                          f"mirror={mirror}")
     if spread_store not in SPREAD_PARTS or isinstance(spread_store, bool):

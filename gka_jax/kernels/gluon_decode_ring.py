@@ -273,6 +273,8 @@ if GLUON:
                     else:
                         async_copy.wait_group(0)
                     gl.thread_barrier()
+                elif ORDER == 2:   # (VALUE 4: one h_kv buffer, every h_kv tile on full barrier 2)
+                    mbarrier.wait(full.index(2), j & 1)                                     # h_kv landed
                 else:
                     mbarrier.wait(full.index(2 * (j % 2) + 1), (j // 2) & 1)               # h_kv landed
                 mbarrier.wait(mixed_full.index(j % 2), (j // 2) & 1)                        # q' written
@@ -399,8 +401,8 @@ if GLUON:
     def _ring_order(SLOTS, MIRROR, VALUE):
         """How the pipelined form maps tiles to buffers (``_slot``): 0 in turn (two buffers, or three with the
         mirror), 1 item 1's h_kk early (three buffers; with VALUE 3 the loader copies only the h_kk tiles), 2 two
-        h_kk buffers and one h_kv (VALUE 2)."""
-        if VALUE == 2:
+        h_kk buffers and one h_kv (VALUE 2, and VALUE 4: the tile resident until o, as VALUE 1)."""
+        if VALUE == 2 or VALUE == 4:
             return 2
         return 1 if SLOTS == 3 and MIRROR == 0 else 0
 
