@@ -194,11 +194,11 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
       solvers' path; it needs ``loader_warps`` = 4 (the default then). True / "resident": h_kv's tile stays
       in its buffer until o; "readback" (three buffers, no mirror): h_kv' is written as soon as the tile
       lands and o computed from it read back, so that one h_kv buffer is enough and each solver gets an h_kk
-      buffer of its own ("readback" measured slower, docs/benchmarks.md); "loads" (three buffers, no mirror;
-      not yet run on a GPU): as True, but the value partition copies the h_kv tiles itself and the loader only
-      h_kk's, which then neither wait for an h_kv buffer nor land behind an h_kv tile; "single" (three buffers,
-      no mirror; measured in the ninth session): as True, with one h_kv buffer and one h_kk buffer per solver
-      (h_kk copied an item ahead; each h_kv tile copied once the previous item's o is done).
+      buffer of its own; "loads" (three buffers, no mirror): as True, but the value partition copies the h_kv
+      tiles itself and the loader only h_kk's, which then neither wait for an h_kv buffer nor land behind an
+      h_kv tile; "single" (three buffers, no mirror): as True, with one h_kv buffer and one h_kk buffer per
+      solver (h_kk copied an item ahead; each h_kv tile copied once the previous item's o is done). All three
+      measured slower than True with the other ``LONG_SOLVE`` options (docs/benchmarks.md).
     - ``spread_store`` (pipelined form; ``SPREAD_PARTS``; default as ``value_partition``'s): h_kk' stored in
       this many parts, one before each run of the solve's iterations (``_solve``), rather than all before it.
     - ``inputs_ahead`` (pipelined form; default as ``value_partition``'s): each solver loads its next item's q,
