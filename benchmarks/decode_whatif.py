@@ -22,6 +22,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
   store 2 and inputs ahead" (with 4 parts: the default);
 - "value partition loads": the default above num_iter 10 with ``value_partition="loads"`` (the value partition
   copies the h_kv tiles itself, the loader only h_kk's);
+- "value partition readback with long solve": the default above num_iter 10 with ``value_partition="readback"``;
 - "value partition single": the default above num_iter 10 with ``value_partition="single"`` (one h_kv buffer,
   one h_kk buffer per solver);
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
@@ -204,6 +205,7 @@ def variants(text: str) -> dict:
     found["value partition with spread store 2 and inputs ahead"] = long_solve(text, True, 2, True)   # (4: default)
     found["value partition loads"] = long_solve(text, '"loads"', 4, True)   # the default with value_partition="loads"
     found["value partition single"] = long_solve(text, '"single"', 4, True)   # ... with value_partition="single"
+    found["value partition readback with long solve"] = long_solve(text, '"readback"', 4, True)
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
         found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["zeroed counter output"] = zeroed_output(text)
