@@ -241,7 +241,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         value_partition = defaults["value_partition"] if loader_warps in (None, VALUE_LOADER_WARPS) else False
     spread_store = defaults["spread_store"] if spread_store is None else spread_store
     inputs_ahead = defaults["inputs_ahead"] if inputs_ahead is None else inputs_ahead
-    value = VALUE_PARTITIONS[value_partition]          # 0 none, 1 resident, 2 readback
+    value = VALUE_PARTITIONS[value_partition]          # 0 none, 1 resident, 2 readback, 3 loads, 4 single
     if value and form != "pipelined":
         raise ValueError(f"value_partition=True needs the pipelined form; got form={form!r}")
     loader_warps = loader_warps or (VALUE_LOADER_WARPS if value else DEFAULT_LOADER_WARPS)

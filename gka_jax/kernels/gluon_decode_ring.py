@@ -217,7 +217,8 @@ if GLUON:
         the buffer released at once, and o from S' read back from global memory (its own stores, mostly in L2).
         VALUE 3: as 1, but this partition copies the h_kv tiles itself (cp.async, item j + 2's into item j's
         buffer once read; the loader copies only h_kk), so that h_kk's copies neither wait for an h_kv buffer
-        nor land behind h_kv's (a loader lane's cp.async arrival tracks all its earlier copies)."""
+        nor land behind h_kv's (a loader lane's cp.async arrival tracks all its earlier copies). VALUE 4
+        ("single"): as 1, with every h_kv tile in one buffer (ring order 2, as VALUE 2's)."""
         CHUNK: gl.constexpr = 32
         LAYOUT: gl.constexpr = gl.BlockedLayout([CHUNK // 4, 4], [4, 8], [1, gl.num_warps()], [1, 0])  # [CHUNK, D]
         ROWS: gl.constexpr = gl.SliceLayout(1, LAYOUT)
@@ -369,8 +370,8 @@ if GLUON:
         84.6-85.2 us at B = 32, 290.5 against 294.3 at B = 128, num_iter 30; with the mirror, 72.6 against 70.7
         at B = 32, num_iter 10).
 
-        ORDER 2 (``value_partition="readback"``): each solver's h_kk in a buffer of its own (j % 2), every h_kv
-        in buffer 2 (the value partition releases it as soon as h_kv' is written).
+        ORDER 2 (``value_partition="readback"`` and "single"): each solver's h_kk in a buffer of its own
+        (j % 2), every h_kv in buffer 2 (released as soon as h_kv' is written, or with "single" once o is).
 
         Phases stay safe (a full barrier's waiter never falls two phases behind): item j + 2's h_kk needs item
         j + 1's released, which was loaded after item j's release (or, for item 3, after item 1's h_kv, which
