@@ -28,6 +28,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "blocks 2" / "blocks 4": the default with H held as 2 / 4 row blocks (more FMA chains per thread);
 - "copy rows 4" / "copy rows 16": the default with the loader copying 4 / 16 rows of a tile per round (8; "copy
   rows 4" above num_iter 10 only: the one-warp loader of the mirror's range covers 8 rows at a time);
+- "h_kk one ahead": the default whose loader copies item j + 1's h_kk before item j's h_kv (ring order 1);
 - "zeroed counter output": the default with an unused [1] output zeroed before each launch (what a counter of
   claimed items costs before it claims anything: ``claim_items``, docs/kernels.md "Tried and dropped");
 - "first h_kk alone": the loader waits for item 0's h_kk to land before its other copies (at the start every SM
@@ -209,6 +210,7 @@ def variants(text: str) -> dict:
     for blocks in (2, 4):   # the default with more FMA chains per thread (offline: no spills, 425-489 instructions
         found[f"blocks {blocks}"] = text.replace(BLOCKS_DEFAULT, f"PIPELINED_BLOCKS = {blocks} ")   # per 2 iterations)
     found["zeroed counter output"] = zeroed_output(text)
+    found["h_kk one ahead"] = h_kk_ahead(text)
     for rows in (4, 16):   # rows of a tile per cp.async round of the loader (8: the default)
         assert text.count("COPY_ROWS=8,") == 1
         found[f"copy rows {rows}"] = text.replace("COPY_ROWS=8,", f"COPY_ROWS={rows},")
@@ -252,6 +254,23 @@ ZEROED = (("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\
 
 EARLY_H_KK = "            if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early\n"
 FIRST_ALONE = "            if j == 0:\n                mbarrier.wait(full.index(0), 0)\n"
+
+
+KK_TURN = ("            elif ORDER != 1 or j != 1:\n",
+           "            elif ORDER != 1 or j == 0 or (VALUE == 3 and j != 1):\n")
+KV_LOAD = "            if ORDER != 2 and VALUE != 3:      # (VALUE 3: the value partition copies the h_kv tiles)\n"
+KK_AHEAD = ("            if ORDER == 1 and VALUE != 3 and j >= 1 and j + 1 < count:   # item j + 1's h_kk first\n"
+            "                _load_tile(ring, full.index(2 * ((j + 1) % 2)), free, 2 * j + 2,\n"
+            "                           h_kk_ptr + state + stride * (D * D), offsets, chunk_ends, D, SLOTS,\n"
+            "                           COPY_ROWS, MIRROR == 1, ORDER)\n")
+
+
+def h_kk_ahead(text: str) -> str:
+    """``text`` whose loader (ring order 1: three buffers, no mirror) copies item j + 1's h_kk before item j's
+    h_kv (h_kk 0, 1, h_kv 0, h_kk 2, h_kv 1, ...; model-checked like the kernel's order), so that an h_kk
+    copy no longer waits behind the h_kv copy whose buffer the value partition releases last."""
+    assert text.count(KK_TURN[0]) == 1 and text.count(KV_LOAD) == 1
+    return text.replace(*KK_TURN).replace(KV_LOAD, KK_AHEAD + KV_LOAD)
 
 
 def zeroed_output(text: str) -> str:
