@@ -52,6 +52,7 @@ SOLVER_REGS, LOADER_REGS = 192, 40   # pipelined form: registers per thread of t
 VALUE_REGS = 80           # pipelined form, value_partition: registers per thread of the value partition (4 warps)
 VALUE_LOADER_WARPS = 4    # with the value partition: 4 warps per partition, none padded (16 warps)
 VALUE_PARTITIONS = {None: 0, False: 0, True: 1, "resident": 1, "readback": 2, "loads": 3, "single": 4}   # -> VALUE
+OWN_RING_VALUES = (2, 3, 4)   # VALUE modes with a ring of their own: three buffers, h_kk read whole (no mirror)
 SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many parts over the solve (0: before it)
 # The pipelined form's defaults for value_partition, spread_store and inputs_ahead: above MIRROR_MAX_ITER
 # (h_kk read whole) the value partition, h_kk' stored in 4 parts over the solve and each solver's next inputs
@@ -247,7 +248,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     loader_warps = loader_warps or (VALUE_LOADER_WARPS if value else DEFAULT_LOADER_WARPS)
     fp32_states = h_kk.dtype == jnp.float32 and h_kv.dtype == jnp.float32
     if mirror is None:
-        mirror = value not in (2, 3, 4) and default_mirror(form, slots, fp32_states, int(num_iter))
+        mirror = value not in OWN_RING_VALUES and default_mirror(form, slots, fp32_states, int(num_iter))
     if not isinstance(mirror, (bool, np.bool_)):
         raise ValueError(f"mirror={mirror!r} is not a bool")
     if mirror and (form != "pipelined" or slots != 3 or not fp32_states):
@@ -255,7 +256,7 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
                          f"and float32 states; got form={form!r}, slots={slots}, {h_kk.dtype} states")
     if loader_warps not in LOADER_WARPS:
         raise ValueError(f"loader_warps={loader_warps} is not one of {LOADER_WARPS}")
-    if value in (2, 3, 4) and (slots != 3 or mirror):
+    if value in OWN_RING_VALUES and (slots != 3 or mirror):
         raise ValueError(f"value_partition={value_partition!r} needs slots=3 without the mirror; got slots={slots}, "
                          f"mirror={mirror}")
     if spread_store not in SPREAD_PARTS or isinstance(spread_store, bool):
