@@ -80,14 +80,23 @@ LOADER_KV = (
     "            if ORDER != 2:\n                _load_tile(ring, full.index(2 * (j % 2) + 1)",
     "            _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state,")
 LOADER_KV_END = (
+    "                           offsets, chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)\n",
     "                           chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)\n",
     "                       D, SLOTS, COPY_ROWS, False, EARLY)\n",
     "                       D, SLOTS, COPY_ROWS, False)\n")
 SOLVER_X = "x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER,"
-KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
+# (the later entries of these tuples: versions before the scratch output of 2026-11-29's tenth session)
+KERNEL_OUTS = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, scratch_ptr,\n",
+               "                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n"
                "                          NUM_HEADS")
-CALL = "    o, x, h_kk, h_kv = triton_call("
-OUT_SHAPES = "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],\n"
+KERNEL_OUTS_NEW = ("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, scratch_ptr,"
+                   " trace_ptr,\n",
+                   "                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, trace_ptr,\n"
+                   "                          NUM_HEADS")
+CALL = ("    o, x, h_kk, h_kv, *_ = triton_call(", "    o, x, h_kk, h_kv = triton_call(")
+CALL_NEW = "    o, x, h_kk, h_kv, *extra = triton_call("
+OUT_SHAPES = ("                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)] + scratch,\n",
+              "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],\n")
 RETURN = "    return GKAResult(o, x, h_kk, h_kv)"
 
 
@@ -116,15 +125,18 @@ def traced(text: str) -> str:
     ]
     for old, new in edits:
         text = decode_whatif.edit_last(text, old, new)
-    assert text.count(SOLVER_X) in (2, 4) and all(a in text for a in (LOADER_DEF, LOADER_ARGS, KERNEL_OUTS, CALL,
-                                                                  OUT_SHAPES, RETURN))
+    assert text.count(SOLVER_X) in (2, 4) and all(a in text for a in (LOADER_DEF, LOADER_ARGS, RETURN))
+    version = next(i for i, anchor in enumerate(KERNEL_OUTS) if anchor in text)   # 0: with the scratch output
+    assert KERNEL_OUTS[version] in text and CALL[version] in text and OUT_SHAPES[version] in text
     text = text.replace(SOLVER_X, SOLVER_X.replace("x_ptr", "trace_ptr"))   # the solvers get the trace as x_ptr
     text = text.replace(LOADER_DEF, LOADER_DEF + " trace_ptr,").replace(LOADER_ARGS, LOADER_ARGS + " trace_ptr,")
-    text = text.replace(KERNEL_OUTS, KERNEL_OUTS.replace("h_kv_out_ptr,", "h_kv_out_ptr, trace_ptr,"))
-    text = text.replace(CALL, CALL.replace("h_kv =", "h_kv, trace ="))
-    text = text.replace(OUT_SHAPES, OUT_SHAPES.replace(
-        "],\n", f",\n                   jax.ShapeDtypeStruct((programs * {ROWS * MARKS},), jnp.int32)],\n"))
-    text = text.replace(RETURN, RETURN.replace("(o, x,", "(o, trace,"))
+    text = text.replace(KERNEL_OUTS[version], KERNEL_OUTS_NEW[version])
+    text = text.replace(CALL[version], CALL_NEW)     # the trace: the last output
+    trace_shape = f"jax.ShapeDtypeStruct((programs * {ROWS * MARKS},), jnp.int32)"
+    text = text.replace(OUT_SHAPES[version], OUT_SHAPES[version].replace(
+        ",\n", f" + [{trace_shape}],\n") if version == 0 else OUT_SHAPES[version].replace(
+        "],\n", f",\n                   {trace_shape}],\n"))
+    text = text.replace(RETURN, RETURN.replace("(o, x,", "(o, extra[-1],"))
     slot = "    @gluon.jit\n    def _slot("
     return text.replace(slot, CLOCK + slot)
 

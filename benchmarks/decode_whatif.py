@@ -34,6 +34,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "first h_kk alone": the loader waits for item 0's h_kk to land before its other copies (at the start every SM
   asks for 192 KiB at once, and the first tile lands after 7-10 us; docs/kernels.md);
 - "default with the mirror": the default (``LONG_SOLVE`` above num_iter 10) with the mirror at every num_iter;
+- "tma": the default whose loader copies each tile by TMA (``tma=True``) wherever the mirror is off;
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
   solver's path cost what the mirror costs?);
@@ -73,6 +74,7 @@ H_KK_STORE = "            gl.store(h_kk_out_ptr + state + square, h.to(h_kk_out_
 H_KV_STORE = "        gl.store(s_out, s.to(s_out.dtype.element_ty))\n"
 NO_STORE = "            pass\n"   # (the pipelined solver's h_kk' store is the body of an ``if``)
 BLOCKS_DEFAULT = "PIPELINED_BLOCKS = 1 "
+TMA_DEFAULT = "DEFAULT_TMA = False "
 LONG_SOLVE = "LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)\n"
 PLAIN_SOLVERS = "        else:\n            gl.warp_specialize([\n"
 LOADER_LOOP = "        for j in range(count):\n            state = (first + j * stride).to(gl.int64) * (D * D)\n"
@@ -217,6 +219,8 @@ def variants(text: str) -> dict:
     assert text.count(EARLY_H_KK) == 1
     found["first h_kk alone"] = text.replace(EARLY_H_KK, FIRST_ALONE + EARLY_H_KK)
     found["default with the mirror"] = text.replace(*MIRROR_ON)
+    assert text.count(TMA_DEFAULT) == 1
+    found["tma"] = text.replace(TMA_DEFAULT, "DEFAULT_TMA = True ")
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
     for nanoseconds in (1000, 4000):
@@ -243,13 +247,12 @@ def kernel_source(path: str = "") -> str:
     return text.replace("from .", "from gka_jax.kernels.")
 
 
-ZEROED = (("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,\n",
-           "                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, counter_ptr,\n"),
-          ("    o, x, h_kk, h_kv = triton_call(", "    o, x, h_kk, h_kv, *_ = triton_call("),
-          ("                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],\n",
-           "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)]\n"
+ZEROED = (("                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, scratch_ptr,\n",
+           "                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, scratch_ptr, counter_ptr,\n"),
+          ("                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)] + scratch,\n",
+           "                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)] + scratch\n"
            "        + ([jax.ShapeDtypeStruct((1,), jnp.int32)] if form == \"pipelined\" else []),\n"
-           "        zeroed_outputs=(4,) if form == \"pipelined\" else (),\n"))
+           "        zeroed_outputs=(5,) if form == \"pipelined\" else (),\n"))
 
 
 EARLY_H_KK = "            if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early\n"
@@ -261,8 +264,8 @@ KK_TURN = ("            elif ORDER != 1 or j != 1:\n",
 KV_LOAD = "            if ORDER != 2 and VALUE != 3:      # (VALUE 3: the value partition copies the h_kv tiles)\n"
 KK_AHEAD = ("            if ORDER == 1 and VALUE != 3 and j >= 1 and j + 1 < count:   # item j + 1's h_kk first\n"
             "                _load_tile(ring, full.index(2 * ((j + 1) % 2)), free, 2 * j + 2,\n"
-            "                           h_kk_ptr + state + stride * (D * D), offsets, chunk_ends, D, SLOTS,\n"
-            "                           COPY_ROWS, MIRROR == 1, ORDER)\n")
+            "                           h_kk_ptr + state + stride * (D * D), kk_tiles, row + stride * D, TMA,\n"
+            "                           offsets, chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)\n")
 
 
 def h_kk_ahead(text: str) -> str:

@@ -32,6 +32,7 @@ DECODE_SIGNATURE = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", beta_ptr="*
                         g_kk_ptr="*fp32", alpha_ptr="*bf16", h_kk_ptr="*fp32", h_kv_ptr="*fp32", scale="fp32",
                         ridge="fp32", num_items="i32", o_ptr="*bf16", x_ptr="*bf16", h_kk_out_ptr="*fp32",
                         h_kv_out_ptr="*fp32")
+WS_SIGNATURE = dict(DECODE_SIGNATURE, scratch_ptr="*u8")
 DECODE_CONSTANTS = dict(NUM_HEADS=32, GROUP=4, BLOCKS=gluon_decode.DEFAULT_BLOCKS, HAS_BETA=True, HAS_ALPHA=True,
                         HAS_G_KK=False, LANES=gluon_decode.DEFAULT_LANES)
 KERNELS = {
@@ -49,12 +50,13 @@ KERNELS = {
         warps=lambda d: d // 32),
     "decode_ws": dict(   # the pipelined form
         fn=lambda: gluon_decode_ring._decode_ws_kernel,
-        signature=DECODE_SIGNATURE,
+        signature=WS_SIGNATURE,
         constants=dict(DECODE_CONSTANTS, BLOCKS=gluon_decode.PIPELINED_BLOCKS, SLOTS=gluon_decode.DEFAULT_SLOTS,
                        COPY_ROWS=8,
                        SOLVER_REGS=gluon_decode.SOLVER_REGS, LOADER_REGS=gluon_decode.LOADER_REGS,
                        LOADER_WARPS=gluon_decode.DEFAULT_LOADER_WARPS, MIRROR=0, VALUE=0,
-                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=0, AHEAD=0),
+                       VALUE_REGS=gluon_decode.VALUE_REGS, SPREAD=0, AHEAD=0, TMA=0,
+                       SCRATCH_BYTES=gluon_decode.SCRATCH_BYTES),
         warps=lambda d: d // 32),
 }
 COUNTED = ("STL", "LDL", "BAR.SYNC", "HGMMA", "SHFL", "LDS", "STS", "LDG", "STG", "FFMA", "MUFU")

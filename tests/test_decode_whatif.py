@@ -21,7 +21,7 @@ def test_every_variant_is_an_edit_of_the_kernel_source():
     source = tool.kernel_source()
     variants = tool.variants(source)
     assert variants["default"] == source
-    assert len(variants) == 41
+    assert len(variants) == 42
     for name, text in variants.items():
         ast.parse(text)
         if name != "default":
@@ -47,7 +47,7 @@ def test_the_timeline_marks_find_their_anchors():
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
     tool = load_tool()
-    for name in ("default", "mirror", "value partition", "value partition readback"):
+    for name in ("default", "mirror", "value partition", "value partition readback", "tma"):
         text = timeline.traced(tool.variants(tool.kernel_source())[name])
         ast.parse(text)
         for mark in (0, 1, 2, 3, 5):

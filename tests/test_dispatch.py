@@ -287,3 +287,32 @@ def test_solve_kernel_choice():
         choice(*arrays(128), kernel="gluon", available=False)
     with pytest.raises(ValueError, match="is not one of"):
         choice(*arrays(128), kernel="cuda")
+
+
+PTX = """.visible .entry k(
+	.param .u64 .ptr .global .align 1 k_param_0,
+	.param .u32 k_param_1,
+	.param .u64 .ptr .global .align 1 k_param_2,
+	.param .u64 .ptr .global .align 1 k_param_3,
+	.param .u64 .ptr .global .align 1 k_param_4
+)
+{
+	ld.param.b64 	%rd1, [k_param_0];
+	ld.param.b64 	%rd3, [k_param_3];
+	ld.param.b64 	%rd4, [k_param_2];
+}
+"""
+
+
+def test_global_scratch_is_routed_to_the_kernels_own_output():
+    """jaxlib passes null for Triton's hidden global-scratch parameter (the second-to-last); a kernel that makes
+    TMA descriptors on the device gets an output of its own for them, and the PTX reads that instead."""
+    from gka_jax.kernels import gluon_call
+
+    routed = gluon_call.route_global_scratch(PTX, "k", 2, 3)
+    assert "[k_param_3]" not in routed and routed.count("[k_param_2]") == 2
+    assert routed.replace("%rd3, [k_param_2]", "%rd3, [k_param_3]") == PTX
+    with pytest.raises(RuntimeError, match="expected 4 parameters"):
+        gluon_call.route_global_scratch(PTX, "k", 2, 4)
+    with pytest.raises(RuntimeError, match="never read"):
+        gluon_call.route_global_scratch(PTX.replace("%rd3, [k_param_3]", "%rd3, [k_param_1]"), "k", 2, 3)

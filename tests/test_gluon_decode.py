@@ -132,6 +132,17 @@ def test_inputs_ahead_item_counts(b, num_iter, spread, no_beta, no_alpha, value)
     assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
 
 
+@pytest.mark.parametrize("b, num_iter, value, slots", [
+    (1, 30, True, 3), (33, 10, False, 3), (301, 30, True, 3), (67, 0, True, 3), (40, 29, False, 2),
+    (134, 30, "single", 3), (301, 10, "readback", 3), (201, 3, True, 3), (300, 30, True, 3)])
+def test_tma_copies_item_counts(b, num_iter, value, slots):
+    """tma (each tile one bulk tensor copy; its descriptors made on the device in the scratch output) with 1 to
+    10 items per program and each ring order; 300 x 4 items also exercise large row coordinates."""
+    args = decode_inputs(81, b=b, d=128, g_kk=b % 2 == 1)
+    got = run_gluon(args, num_iter, form="pipelined", tma=True, value_partition=value, mirror=False, slots=slots)
+    assert_close(got, run(reference.gka_decode, args, num_iter), 1e-5)
+
+
 def test_pipelined_options_are_checked():
     args = decode_inputs(12, b=2, d=128)
     with pytest.raises(ValueError, match="slots=4 is not one of"):
@@ -169,6 +180,12 @@ def test_pipelined_options_are_checked():
         run_gluon(args, 10, form="pipelined", inputs_ahead=1)
     with pytest.raises(ValueError, match="inputs_ahead=True needs the pipelined form"):
         run_gluon(args, 10, form="item", inputs_ahead=True)
+    with pytest.raises(ValueError, match="tma=1 is not a bool"):
+        run_gluon(args, 30, form="pipelined", tma=1)
+    for options in (dict(form="item"), dict(form="pipelined", mirror=True),
+                    dict(form="pipelined", value_partition="loads")):
+        with pytest.raises(ValueError, match="tma=True needs the pipelined form without the mirror"):
+            run_gluon(args, 10, tma=True, **options)
 
 
 def test_zero_state_first_token():

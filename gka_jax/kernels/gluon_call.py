@@ -10,6 +10,12 @@ pipeline (``triton.compile`` of a ``GluonASTSource``), and the resulting PTX goe
 
 A kernel's ``MAXNREG`` constexpr argument, if it has one, becomes Triton's ``maxnreg`` option (the per-thread
 register cap passed to ptxas), so that several programs fit on an SM.
+
+Global scratch (TMA descriptors made on the device): Triton appends two hidden pointers to every kernel, the
+global scratch (where ``make_tensor_descriptor`` writes each program's descriptors) and the profile scratch,
+and jaxlib's launcher passes null for both (it does not allocate Triton's scratch). A kernel that needs global
+scratch therefore takes it as an ordinary output named ``scratch_ptr`` of ``SCRATCH_BYTES`` (a constexpr)
+bytes per program, and ``route_global_scratch`` points the compiled kernel's scratch reads at that argument.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ try:  # Triton with Gluon: enough to define and compile kernels (also without a 
     from triton.experimental import gluon  # noqa: F401  (re-exported for the kernel modules)
     from triton.experimental.gluon import language as gl  # noqa: F401
     from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: F401
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier  # noqa: F401
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: F401
     from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     GLUON = True
 except ImportError:  # no triton (CPU installs), or a triton without Gluon
@@ -94,11 +100,36 @@ def _gluon_kernel(fn, arg_dtypes, scalar_args, *, num_warps, num_ctas, compute_c
            compute_capability)
     if key not in _cache:
         compiled = compile_gluon(GluonASTSource(fn, signature, constants, attrs), compute_capability, options)
+        ptx = compiled.asm["ptx"]
+        if compiled.metadata.global_scratch_size:
+            if "scratch_ptr" not in signature or signature["scratch_ptr"] == "constexpr":
+                raise RuntimeError(f"{fn.__name__} needs {compiled.metadata.global_scratch_size} bytes of global "
+                                   "scratch per program, which jaxlib does not allocate: give the kernel a "
+                                   "scratch_ptr output (gluon_call's docstring)")
+            if compiled.metadata.global_scratch_size > int(metaparams.get("SCRATCH_BYTES", 0)):
+                raise RuntimeError(f"{fn.__name__} needs {compiled.metadata.global_scratch_size} bytes of global "
+                                   f"scratch per program; SCRATCH_BYTES={metaparams.get('SCRATCH_BYTES')}")
+            arguments = [name for name, kind in signature.items() if kind != "constexpr"]
+            ptx = route_global_scratch(ptx, compiled.metadata.name, arguments.index("scratch_ptr"), len(arguments))
         _cache[key] = triton_lib.triton_kernel_call_lib.TritonKernel(
             # num_warps: all partitions' warps of a warp-specialized kernel (Triton's total), else num_warps
             compiled.metadata.name, compiled.metadata.num_warps, num_ctas, compiled.metadata.shared,
-            compiled.asm["ptx"], compiled.asm["ttgir"], compute_capability)
+            ptx, compiled.asm["ttgir"], compute_capability)
     return _cache[key], attrs
+
+
+def route_global_scratch(ptx: str, name: str, scratch_index: int, num_arguments: int) -> str:
+    """``ptx`` with the reads of Triton's hidden global-scratch parameter (the second-to-last, after the kernel's
+    ``num_arguments`` own parameters) reading parameter ``scratch_index`` instead (an output buffer that the
+    caller allocates; jaxlib passes null for the hidden one)."""
+    declared = sorted({int(n) for n in re.findall(rf"\.param\s+[^\n]*?\b{re.escape(name)}_param_(\d+)\b", ptx)})
+    if declared != list(range(num_arguments + 2)):
+        raise RuntimeError(f"{name}: expected {num_arguments} parameters and Triton's two hidden ones in the PTX, "
+                           f"found {len(declared)}")
+    hidden = f"[{name}_param_{num_arguments}]"
+    if not ptx.count(hidden):
+        raise RuntimeError(f"{name}: the global-scratch parameter is never read")
+    return ptx.replace(hidden, f"[{name}_param_{scratch_index}]")
 
 
 def compile_gluon(source, compute_capability: int, options: dict):

@@ -60,6 +60,8 @@ SPREAD_PARTS = (0, 1, 2, 4, 8)   # pipelined form: h_kk' stored in this many par
 # up to it (the mirror's range, where they measured slower) none of them.
 LONG_SOLVE = dict(value_partition=True, spread_store=4, inputs_ahead=True)
 SHORT_SOLVE = dict(value_partition=False, spread_store=0, inputs_ahead=False)
+DEFAULT_TMA = False       # pipelined form without the mirror: tiles copied by TMA (``tma``)
+SCRATCH_BYTES = 256       # pipelined form: global scratch per program (two TMA descriptors of 128 bytes; gluon_call)
 MIRROR_LOADER_REGS = 64   # the loader's registers with the mirror (its masks spill at 40)
 
 if GLUON:
@@ -170,7 +172,7 @@ def _multiprocessors() -> int:
 def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength, scale, g_kk=None,
                precision=HIGHEST, form=None, blocks=None, lanes=None, maxnreg=None, slots=None,
                loader_warps=None, mirror=None, value_partition=None, spread_store=None,
-               inputs_ahead=None) -> GKAResult:
+               inputs_ahead=None, tma=None) -> GKAResult:
     """One GKA token with the semantics of ``reference.gka_decode``, as one Gluon kernel.
 
     q [B, H, D]; k [B, Hkv, D]; v [B, Hkv, Dv]; beta, g, alpha, g_kk [B, H] (beta, alpha, g_kk may be None);
@@ -205,6 +207,8 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
     - ``inputs_ahead`` (pipelined form; default as ``value_partition``'s): each solver loads its next item's q,
       k, v, beta, g, g_kk and alpha while the current item runs, so that no global load waits on its path
       (beta k reaches each thread's rows through shared memory).
+    - ``tma`` (pipelined form without the mirror and "loads"; default ``DEFAULT_TMA`` there): the loader
+      copies each [D, D] tile with one bulk tensor copy (TMA) instead of 16-byte cp.async per lane.
     Returns GKAResult(o [B, H, Dv] and x [B, H, D] in q's dtype, h_kk, h_kv).
     """
     del precision
@@ -267,6 +271,14 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         raise ValueError(f"inputs_ahead={inputs_ahead!r} is not a bool")
     if inputs_ahead and form != "pipelined":
         raise ValueError(f"inputs_ahead=True needs the pipelined form; got form={form!r}")
+    if tma is None:
+        tma = DEFAULT_TMA and form == "pipelined" and not mirror and value != 3
+    if not isinstance(tma, (bool, np.bool_)):
+        raise ValueError(f"tma={tma!r} is not a bool")
+    if tma and (form != "pipelined" or mirror or value == 3):
+        raise ValueError(f"tma=True needs the pipelined form without the mirror and without "
+                         f"value_partition='loads'; got form={form!r}, mirror={mirror}, "
+                         f"value_partition={value_partition!r}")
     if value and loader_warps != VALUE_LOADER_WARPS:
         raise ValueError(f"value_partition=True needs loader_warps={VALUE_LOADER_WARPS} (4 + 4 + 4 + 4 warps fill "
                          f"the register file exactly); got loader_warps={loader_warps}")
@@ -278,18 +290,20 @@ def gka_decode(q, k, v, beta, g, alpha, h_kk, h_kv, *, num_iter, ridge_strength,
         tuning = dict(SLOTS=slots, COPY_ROWS=8, SOLVER_REGS=SOLVER_REGS,
                       LOADER_REGS=MIRROR_LOADER_REGS if mirror else LOADER_REGS, LOADER_WARPS=loader_warps,
                       MIRROR=int(mirror), VALUE=value, VALUE_REGS=VALUE_REGS, SPREAD=spread_store,
-                      AHEAD=int(inputs_ahead))
+                      AHEAD=int(inputs_ahead), TMA=int(tma), SCRATCH_BYTES=SCRATCH_BYTES)
+        scratch = [jax.ShapeDtypeStruct((programs * SCRATCH_BYTES,), jnp.uint8)]   # (gluon_call's scratch_ptr)
     else:
         kernel = _decode_kernel
         tuning = dict(MAXNREG=DEFAULT_MAXNREG if maxnreg is None else maxnreg)
-    o, x, h_kk, h_kv = triton_call(
+        scratch = []
+    o, x, h_kk, h_kv, *_ = triton_call(
         q, k, v, present(beta), g, present(g_kk), present(alpha), h_kk, h_kv,
         np.float32(scale), np.float32(ridge_strength), num_items,   # fp32 scalars (a Python float is fp64)
         kernel=kernel,
         out_shape=[jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
                    jax.ShapeDtypeStruct((batch, num_heads, d), q.dtype),
                    jax.ShapeDtypeStruct(h_kk.shape, h_kk.dtype),
-                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)],
+                   jax.ShapeDtypeStruct(h_kv.shape, h_kv.dtype)] + scratch,
         grid=(programs,),
         num_warps=d // 32,          # the pipelined form's solver partitions have as many
         input_output_aliases={7: 2, 8: 3},   # h_kk -> new h_kk, h_kv -> new h_kv (array operands 7, 8)

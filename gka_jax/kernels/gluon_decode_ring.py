@@ -23,20 +23,21 @@ from __future__ import annotations
 from .gluon_call import GLUON
 
 if GLUON:
-    from .gluon_call import async_copy, gl, gluon, mbarrier
+    from .gluon_call import async_copy, gl, gluon, mbarrier, tma
     from .gluon_decode_math import _decay_add_outer, _item_inputs, _item_rows, _item_scalars, _solve, _state_layout
     from .gluon_decode_math import _value_and_output
 
     @gluon.jit
     def _decode_ws_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, h_kk_ptr, h_kv_ptr,
                           scale, ridge, num_items,
-                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr,
+                          o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, scratch_ptr,
                           NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, NUM_ITER: gl.constexpr,
                           BLOCKS: gl.constexpr, HAS_BETA: gl.constexpr, HAS_ALPHA: gl.constexpr,
                           HAS_G_KK: gl.constexpr, LANES: gl.constexpr, SLOTS: gl.constexpr,
                           COPY_ROWS: gl.constexpr, SOLVER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                           LOADER_WARPS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr,
-                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr):
+                          VALUE_REGS: gl.constexpr, SPREAD: gl.constexpr, AHEAD: gl.constexpr,
+                          TMA: gl.constexpr, SCRATCH_BYTES: gl.constexpr):
         """Persistent and warp-specialized: one program per SM walks the items pid, pid + P, ...; a loader
         partition streams their states (h_kk, then h_kv, of each item in turn) into a ring of SLOTS [D, D]
         buffers by cp.async, and two solver partitions (num_warps warps each) take the items in turn.
@@ -61,8 +62,16 @@ if GLUON:
         VALUE: a third partition of num_warps warps (``_ws_value``) takes each item's h_kv tile and computes
         S' and o, so that the solvers only hand it q' (through ``mixed``: mixed_full[s] says that solver s's
         q' is written, mixed_free[s] that the value partition has read it). Then the value partition, not
-        the solver, waits for the h_kv tiles (in item order) and releases their buffers."""
-        if MIRROR > 0:
+        the solver, waits for the h_kv tiles (in item order) and releases their buffers.
+
+        TMA: the loader copies each tile with one bulk tensor copy (the Tensor Memory Accelerator) instead of
+        16-byte cp.async per lane, and a full barrier completes on the copy's bytes (its descriptors are made
+        on the device, in ``scratch_ptr``: ``gluon_call``)."""
+        if TMA:
+            RING: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0,
+                                                      element_bitwidth=h_kk_ptr.dtype.element_ty.primitive_bitwidth,
+                                                      rank=2)
+        elif MIRROR > 0:
             # 16-byte chunk c of row r at chunk c ^ (r % 8): row reads (the copies, the solvers) and the
             # mirror's column reads are both free of bank conflicts.
             VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth
@@ -73,7 +82,7 @@ if GLUON:
         full = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for index in gl.static_range(4):
-            mbarrier.init(full.index(index), count=32 * LOADER_WARPS)
+            mbarrier.init(full.index(index), count=1 if TMA else 32 * LOADER_WARPS)
         for slot in gl.static_range(SLOTS):
             mbarrier.init(free.index(slot), count=1)
         # Each solver's two iterate buffers are allocations of their own: Triton's barrier analysis tells
@@ -107,8 +116,8 @@ if GLUON:
                               q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
                               count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
-                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
-                              MIRROR, VALUE)),
+                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, num_items, D, SLOTS,
+                              COPY_ROWS, MIRROR, VALUE, TMA)),
                 (_ws_value, (ring, full, free, mixed, mixed_full, mixed_free, k_ptr, v_ptr, beta_ptr, g_ptr, h_kv_ptr,
                              scale, first, stride, count, o_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, HAS_BETA, SLOTS,
                              MIRROR, VALUE, COPY_ROWS))],
@@ -123,8 +132,8 @@ if GLUON:
                               q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, g_kk_ptr, alpha_ptr, scale, ridge, first, stride,
                               count, o_ptr, x_ptr, h_kk_out_ptr, h_kv_out_ptr, NUM_HEADS, GROUP, D, NUM_ITER, BLOCKS,
                               HAS_BETA, HAS_ALPHA, HAS_G_KK, LANES, SLOTS, MIRROR, VALUE, SPREAD, AHEAD)),
-                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D, SLOTS, COPY_ROWS,
-                              MIRROR, VALUE))],
+                (_ws_loader, (ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, num_items, D, SLOTS,
+                              COPY_ROWS, MIRROR, VALUE, TMA))],
                 [gl.num_warps(), LOADER_WARPS], [SOLVER_REGS, LOADER_REGS])
 
     @gluon.jit
@@ -320,13 +329,15 @@ if GLUON:
         mbarrier.arrive(free.index(slot))
 
     @gluon.jit
-    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, D: gl.constexpr,
-                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr):
+    def _ws_loader(ring, full, free, h_kk_ptr, h_kv_ptr, first, stride, count, num_items, D: gl.constexpr,
+                   SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, MIRROR: gl.constexpr, VALUE: gl.constexpr,
+                   TMA: gl.constexpr):
         """Tile t = 2 j (+1) is h_kk (h_kv) of the program's j-th item, copied into its buffer (``_slot``)
         once the solver (or the value partition) has released that buffer's previous tile, in the order of t;
         with three buffers and no mirror, the second item's h_kk comes second (before the first item's h_kv,
         ``_slot``). MIRROR: of h_kk only the 16-byte chunks that reach the diagonal or lie right of it (52% of
-        the bytes at D = 128)."""
+        the bytes at D = 128). TMA: each tile is one tensor copy, through descriptors of the states seen as
+        [num_items D, D] matrices (made here, once)."""
         VEC: gl.constexpr = 128 // h_kk_ptr.dtype.element_ty.primitive_bitwidth    # 16 bytes per copy
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // D, D // VEC], [gl.num_warps(), 1], [1, 0])
         rows = gl.arange(0, COPY_ROWS, layout=gl.SliceLayout(1, COPY))
@@ -334,31 +345,42 @@ if GLUON:
         offsets = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)                      # [COPY_ROWS, D]
         chunk_ends = gl.expand_dims(cols // VEC * VEC + VEC - 1, 0) - gl.expand_dims(rows, 1)  # [COPY_ROWS, D]
         ORDER: gl.constexpr = _ring_order(SLOTS, MIRROR, VALUE)
+        kk_tiles = 0
+        kv_tiles = 0
+        if TMA:
+            TILE: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0,
+                                                      element_bitwidth=h_kk_ptr.dtype.element_ty.primitive_bitwidth,
+                                                      rank=2)
+            kk_tiles = tma.make_tensor_descriptor(h_kk_ptr, [num_items * D, D], [D, 1], [D, D], TILE)
+            kv_tiles = tma.make_tensor_descriptor(h_kv_ptr, [num_items * D, D], [D, 1], [D, D], TILE)
         if ORDER == 2:   # both solvers' first h_kk, then item j's h_kv and item j + 2's h_kk in turn
             for ahead in gl.static_range(2):
                 if ahead < count:
                     _load_tile(ring, full.index(ahead), free, 2 * ahead,
-                               h_kk_ptr + (first + ahead * stride).to(gl.int64) * (D * D), offsets, chunk_ends, D,
-                               SLOTS, COPY_ROWS, False, ORDER)
+                               h_kk_ptr + (first + ahead * stride).to(gl.int64) * (D * D), kk_tiles,
+                               (first + ahead * stride) * D, TMA, offsets, chunk_ends, D, SLOTS, COPY_ROWS, False,
+                               ORDER)
         for j in range(count):
             state = (first + j * stride).to(gl.int64) * (D * D)
+            row = (first + j * stride) * D                 # the item's first row in the [num_items D, D] view
             if ORDER == 2:
-                _load_tile(ring, full.index(2), free, 2 * j + 1, h_kv_ptr + state, offsets, chunk_ends, D, SLOTS,
-                           COPY_ROWS, False, ORDER)
+                _load_tile(ring, full.index(2), free, 2 * j + 1, h_kv_ptr + state, kv_tiles, row, TMA, offsets,
+                           chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
                 if j + 2 < count:
                     _load_tile(ring, full.index(j % 2), free, 2 * j + 4, h_kk_ptr + state + 2 * stride * (D * D),
-                               offsets, chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
+                               kk_tiles, row + 2 * stride * D, TMA, offsets, chunk_ends, D, SLOTS, COPY_ROWS, False,
+                               ORDER)
             elif ORDER != 1 or j != 1:
                 if VALUE == 3 and j == 3:   # item 3's h_kk lands on item 1's full barrier: only once item 1's h_kk
                     mbarrier.wait(free.index(2), 0)   # was read (without h_kv tiles nothing else orders the two)
-                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, offsets, chunk_ends, D,
-                           SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
+                _load_tile(ring, full.index(2 * (j % 2)), free, 2 * j, h_kk_ptr + state, kk_tiles, row, TMA, offsets,
+                           chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
             if ORDER == 1 and j == 0 and count > 1:        # item 1's h_kk, early
-                _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), offsets, chunk_ends,
-                           D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
+                _load_tile(ring, full.index(2), free, 2, h_kk_ptr + state + stride * (D * D), kk_tiles,
+                           row + stride * D, TMA, offsets, chunk_ends, D, SLOTS, COPY_ROWS, MIRROR == 1, ORDER)
             if ORDER != 2 and VALUE != 3:      # (VALUE 3: the value partition copies the h_kv tiles)
-                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, offsets,
-                           chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
+                _load_tile(ring, full.index(2 * (j % 2) + 1), free, 2 * j + 1, h_kv_ptr + state, kv_tiles, row, TMA,
+                           offsets, chunk_ends, D, SLOTS, COPY_ROWS, False, ORDER)
 
     @gluon.jit
     def _slot(tile, SLOTS: gl.constexpr, ORDER: gl.constexpr):
@@ -408,15 +430,20 @@ if GLUON:
         return 1 if SLOTS == 3 and MIRROR == 0 else 0
 
     @gluon.jit
-    def _load_tile(ring, full, free, tile, source, offsets, chunk_ends, D: gl.constexpr, SLOTS: gl.constexpr,
-                   COPY_ROWS: gl.constexpr, UPPER: gl.constexpr, ORDER: gl.constexpr):
-        """Copy tile ``tile`` (at ``source``) into its buffer (``_slot``), then arrive on ``full`` when it
-        lands. UPPER: only the 16-byte chunks whose last element is on or right of the diagonal (the others
-        are zero-filled, reading nothing)."""
+    def _load_tile(ring, full, free, tile, source, tiles, row, TMA: gl.constexpr, offsets, chunk_ends,
+                   D: gl.constexpr, SLOTS: gl.constexpr, COPY_ROWS: gl.constexpr, UPPER: gl.constexpr,
+                   ORDER: gl.constexpr):
+        """Copy tile ``tile`` (at ``source``; TMA: rows ``row``.. of the descriptor ``tiles``) into its buffer
+        (``_slot``), then arrive on ``full`` when it lands. UPPER: only the 16-byte chunks whose last element is
+        on or right of the diagonal (the others are zero-filled, reading nothing)."""
         slot, use = _slot(tile, SLOTS, ORDER)
         mbarrier.wait(free.index(slot), (use + 1) & 1, pred=use > 0)   # the previous tile's release
-        _copy_rows(ring.index(slot), source, offsets, chunk_ends, D, COPY_ROWS, UPPER)
-        async_copy.mbarrier_arrive(full, increment_count=False)
+        if TMA:
+            mbarrier.expect(full, D * D * tiles.dtype.primitive_bitwidth // 8)
+            tma.async_copy_global_to_shared(tiles, [row, 0], full, ring.index(slot))
+        else:
+            _copy_rows(ring.index(slot), source, offsets, chunk_ends, D, COPY_ROWS, UPPER)
+            async_copy.mbarrier_arrive(full, increment_count=False)
 
     @gluon.jit
     def _copy_rows(buffer, source, offsets, chunk_ends, D: gl.constexpr, COPY_ROWS: gl.constexpr,
