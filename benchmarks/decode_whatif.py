@@ -34,6 +34,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "first h_kk alone": the loader waits for item 0's h_kk to land before its other copies (at the start every SM
   asks for 192 KiB at once, and the first tile lands after 7-10 us; docs/kernels.md);
 - "default with the mirror": the default (``LONG_SOLVE`` above num_iter 10) with the mirror at every num_iter;
+- "loader mirror" (also "... with h_kk one ahead"): the default with the mirror at every num_iter, done by the
+  loader's warps once h_kk's copies land rather than by the solver that takes the tile (ring order 1);
 - "tma": the default whose loader copies each tile by TMA (``tma=True``) wherever the mirror is off;
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
@@ -220,6 +222,8 @@ def variants(text: str) -> dict:
     found["first h_kk alone"] = text.replace(EARLY_H_KK, FIRST_ALONE + EARLY_H_KK)
     found["default with the mirror"] = text.replace(*MIRROR_ON)
     assert text.count(TMA_DEFAULT) == 1
+    found["loader mirror"] = loader_mirror(text)
+    found["loader mirror with h_kk one ahead"] = h_kk_ahead(loader_mirror(text))
     found["tma"] = text.replace(TMA_DEFAULT, "DEFAULT_TMA = True ")
     found["swapped solvers"] = swapped(base)
     found["swapped solvers with spread store 4"] = swapped(found["spread store 4"])
@@ -274,6 +278,30 @@ def h_kk_ahead(text: str) -> str:
     copy no longer waits behind the h_kv copy whose buffer the value partition releases last."""
     assert text.count(KK_TURN[0]) == 1 and text.count(KV_LOAD) == 1
     return text.replace(*KK_TURN).replace(KV_LOAD, KK_AHEAD + KV_LOAD)
+
+
+LOADER_COPY = ("            _copy_rows(ring.index(slot), source, offsets, chunk_ends, D, COPY_ROWS, UPPER)\n"
+               "            async_copy.mbarrier_arrive(full, increment_count=False)\n")
+LOADER_MIRROR = ("            _copy_rows(ring.index(slot), source, offsets, chunk_ends, D, COPY_ROWS, UPPER)\n"
+                 "            if UPPER:     # the loader mirrors h_kk's tile once its copies land\n"
+                 "                async_copy.commit_group()\n"
+                 "                async_copy.wait_group(0)\n"
+                 "                gl.thread_barrier()\n"
+                 "                _mirror_square(ring.index(slot))\n"
+                 "                gl.thread_barrier()\n"
+                 "            async_copy.mbarrier_arrive(full, increment_count=False)\n")
+SOLVER_MIRROR = ("                           MIRROR, ORDER).to(gl.float32)\n", "                           0, ORDER).to(gl.float32)\n")
+RING_ORDER = ("        return 1 if SLOTS == 3 and MIRROR == 0 else 0\n", "        return 1 if SLOTS == 3 else 0\n")
+
+
+def loader_mirror(text: str) -> str:
+    """``text`` with the mirror at every num_iter, done by the loader's warps (its copies of h_kk's upper triangle
+    landed, the rest written from the mirror image, then the tile's full barrier), not by the solver taking the
+    tile, and ring order 1 (item 1's h_kk early) with the mirror too."""
+    for old in (LOADER_COPY, SOLVER_MIRROR[0], RING_ORDER[0]):
+        assert text.count(old) == 1, old
+    text = text.replace(*MIRROR_ON).replace(LOADER_COPY, LOADER_MIRROR)
+    return text.replace(*SOLVER_MIRROR).replace(*RING_ORDER)
 
 
 def zeroed_output(text: str) -> str:
