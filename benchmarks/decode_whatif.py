@@ -36,6 +36,7 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "default with the mirror": the default (``LONG_SOLVE`` above num_iter 10) with the mirror at every num_iter;
 - "loader mirror" (also "... with h_kk one ahead"): the default with the mirror at every num_iter, done by the
   loader's warps once h_kk's copies land rather than by the solver that takes the tile (ring order 1);
+- "inputs after the take": the default whose solvers issue the next item's input loads after the take;
 - "tma": the default whose loader copies each tile by TMA (``tma=True``) wherever the mirror is off;
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
@@ -222,6 +223,7 @@ def variants(text: str) -> dict:
     found["first h_kk alone"] = text.replace(EARLY_H_KK, FIRST_ALONE + EARLY_H_KK)
     found["default with the mirror"] = text.replace(*MIRROR_ON)
     assert text.count(TMA_DEFAULT) == 1
+    found["inputs after the take"] = inputs_after_take(text)
     found["loader mirror"] = loader_mirror(text)
     found["loader mirror with h_kk one ahead"] = h_kk_ahead(loader_mirror(text))
     found["tma"] = text.replace(TMA_DEFAULT, "DEFAULT_TMA = True ")
@@ -302,6 +304,23 @@ def loader_mirror(text: str) -> str:
         assert text.count(old) == 1, old
     text = text.replace(*MIRROR_ON).replace(LOADER_COPY, LOADER_MIRROR)
     return text.replace(*SOLVER_MIRROR).replace(*RING_ORDER)
+
+
+AHEAD_LOADS = ("                ahead = _item_inputs(first + gl.minimum(j + 2, count - 1) * stride, q_ptr, k_ptr, v_ptr, "
+               "beta_ptr,\n"
+               "                                     g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA, "
+               "HAS_G_KK,\n"
+               "                                     HAS_ALPHA)\n")
+TAKE_LINE = ("            h = _take_tile(ring, full.index(KK_FULL), j // 2, free, 2 * j, L3, BLOCKS, RB, D, SLOTS,\n"
+             "                           MIRROR, ORDER).to(gl.float32)\n")
+
+
+def inputs_after_take(text: str) -> str:
+    """``text`` whose solvers issue the next item's input loads (``inputs_ahead``) once the item's h_kk tile is in
+    registers, before the solve's first h_kk' store, rather than before waiting for the tile."""
+    assert text.count(AHEAD_LOADS) == 1 and text.count(TAKE_LINE) == 1
+    return text.replace(AHEAD_LOADS, "").replace(TAKE_LINE, TAKE_LINE + "            if AHEAD:\n    "
+                                                 + AHEAD_LOADS.replace("\n     ", "\n         "))
 
 
 def zeroed_output(text: str) -> str:
