@@ -37,6 +37,8 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "loader mirror" (also "... with h_kk one ahead"): the default with the mirror at every num_iter, done by the
   loader's warps once h_kk's copies land rather than by the solver that takes the tile (ring order 1);
 - "inputs after the take": the default whose solvers issue the next item's input loads after the take;
+- "balanced grid": the pipelined form on as few programs as keep its most items per program (1024 items: 128
+  programs of 8 rather than 100 of 8 and 32 of 7; 4096: 128 of 32 rather than 4 of 32 and 128 of 31);
 - "tma": the default whose loader copies each tile by TMA (``tma=True``) wherever the mirror is off;
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
@@ -224,6 +226,8 @@ def variants(text: str) -> dict:
     found["default with the mirror"] = text.replace(*MIRROR_ON)
     assert text.count(TMA_DEFAULT) == 1
     found["inputs after the take"] = inputs_after_take(text)
+    assert text.count(GRID) == 1
+    found["balanced grid"] = text.replace(GRID, BALANCED_GRID)
     found["loader mirror"] = loader_mirror(text)
     found["loader mirror with h_kk one ahead"] = h_kk_ahead(loader_mirror(text))
     found["tma"] = text.replace(TMA_DEFAULT, "DEFAULT_TMA = True ")
@@ -321,6 +325,11 @@ def inputs_after_take(text: str) -> str:
     assert text.count(AHEAD_LOADS) == 1 and text.count(TAKE_LINE) == 1
     return text.replace(AHEAD_LOADS, "").replace(TAKE_LINE, TAKE_LINE + "            if AHEAD:\n    "
                                                  + AHEAD_LOADS.replace("\n     ", "\n         "))
+
+
+GRID = '    programs = num_items if form == "item" else min(num_items, _multiprocessors())\n'
+BALANCED_GRID = ('    programs = num_items if form == "item" else min(num_items, _multiprocessors())\n'
+                 '    programs = -(-num_items // -(-num_items // programs))   # (variant) as few as give the same turns\n')
 
 
 def zeroed_output(text: str) -> str:
