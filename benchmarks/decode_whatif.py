@@ -37,8 +37,10 @@ temporary folder and timed like ``benchmarks/kernels.py`` times decode (GPU time
 - "loader mirror" (also "... with h_kk one ahead"): the default with the mirror at every num_iter, done by the
   loader's warps once h_kk's copies land rather than by the solver that takes the tile (ring order 1);
 - "inputs after the take": the default whose solvers issue the next item's input loads after the take;
-- "balanced grid": the pipelined form on as few programs as keep its most items per program (1024 items: 128
-  programs of 8 rather than 100 of 8 and 32 of 7; 4096: 128 of 32 rather than 4 of 32 and 128 of 31);
+- "balanced grid": the pipelined form on as few programs as keep its most items per program at every item count
+  (1024 items: 128 programs of 8 rather than 100 of 8 and 32 of 7; 4096: 128 of 32 rather than 4 of 32 and 128
+  of 31); the default does so only when most programs take the extra item (``pipelined_programs``);
+- "one program per SM": the pipelined form's grid before 2026-11-29's tenth session (one program per SM);
 - "tma": the default whose loader copies each tile by TMA (``tma=True``) wherever the mirror is off;
 - "swapped solvers" (also "... with spread store 4"): the first solver partition (warps 0-3) takes the odd items;
 - "delay N ns before each h_kk take": a nanosleep of N ns where the mirror would run (does a fixed delay on the
@@ -227,7 +229,8 @@ def variants(text: str) -> dict:
     assert text.count(TMA_DEFAULT) == 1
     found["inputs after the take"] = inputs_after_take(text)
     assert text.count(GRID) == 1
-    found["balanced grid"] = text.replace(GRID, BALANCED_GRID)
+    found["balanced grid"] = text.replace(GRID, BALANCED_GRID)   # (at every item count)
+    found["one program per SM"] = text.replace(GRID, ONE_PER_SM)   # (the grid before the tenth session)
     found["loader mirror"] = loader_mirror(text)
     found["loader mirror with h_kk one ahead"] = h_kk_ahead(loader_mirror(text))
     found["tma"] = text.replace(TMA_DEFAULT, "DEFAULT_TMA = True ")
@@ -296,7 +299,8 @@ LOADER_MIRROR = ("            _copy_rows(ring.index(slot), source, offsets, chun
                  "                _mirror_square(ring.index(slot))\n"
                  "                gl.thread_barrier()\n"
                  "            async_copy.mbarrier_arrive(full, increment_count=False)\n")
-SOLVER_MIRROR = ("                           MIRROR, ORDER).to(gl.float32)\n", "                           0, ORDER).to(gl.float32)\n")
+SOLVER_MIRROR = ("                           MIRROR, ORDER).to(gl.float32)\n",
+                 "                           0, ORDER).to(gl.float32)\n")
 RING_ORDER = ("        return 1 if SLOTS == 3 and MIRROR == 0 else 0\n", "        return 1 if SLOTS == 3 else 0\n")
 
 
@@ -310,8 +314,8 @@ def loader_mirror(text: str) -> str:
     return text.replace(*SOLVER_MIRROR).replace(*RING_ORDER)
 
 
-AHEAD_LOADS = ("                ahead = _item_inputs(first + gl.minimum(j + 2, count - 1) * stride, q_ptr, k_ptr, v_ptr, "
-               "beta_ptr,\n"
+AHEAD_LOADS = ("                ahead = _item_inputs(first + gl.minimum(j + 2, count - 1) * stride, q_ptr, k_ptr, "
+               "v_ptr, beta_ptr,\n"
                "                                     g_ptr, g_kk_ptr, alpha_ptr, cols, NUM_HEADS, GROUP, D, HAS_BETA, "
                "HAS_G_KK,\n"
                "                                     HAS_ALPHA)\n")
@@ -327,9 +331,10 @@ def inputs_after_take(text: str) -> str:
                                                  + AHEAD_LOADS.replace("\n     ", "\n         "))
 
 
-GRID = '    programs = num_items if form == "item" else min(num_items, _multiprocessors())\n'
-BALANCED_GRID = ('    programs = num_items if form == "item" else min(num_items, _multiprocessors())\n'
-                 '    programs = -(-num_items // -(-num_items // programs))   # (variant) as few as give the same turns\n')
+GRID = '    programs = num_items if form == "item" else pipelined_programs(num_items, _multiprocessors())\n'
+ONE_PER_SM = '    programs = num_items if form == "item" else min(num_items, _multiprocessors())\n'
+BALANCED_GRID = (ONE_PER_SM   # (variant) as few programs as give the same turns
+                 + '    programs = -(-num_items // -(-num_items // programs))\n')
 
 
 def zeroed_output(text: str) -> str:

@@ -316,3 +316,17 @@ def test_global_scratch_is_routed_to_the_kernels_own_output():
         gluon_call.route_global_scratch(PTX, "k", 2, 4)
     with pytest.raises(RuntimeError, match="never read"):
         gluon_call.route_global_scratch(PTX.replace("%rd3, [k_param_3]", "%rd3, [k_param_1]"), "k", 2, 3)
+
+
+def test_pipelined_grid_spreads_the_last_turn():
+    """One program per SM, unless most programs would take one item more than the rest: then as few programs as
+    give every program that many items (the kernel walks items pid, pid + P, ... for any P)."""
+    from gka_jax.kernels.gluon_decode import pipelined_programs
+
+    assert pipelined_programs(1024, 132) == 128        # B=32, H=32: 128 x 8, not 100 x 8 + 32 x 7
+    assert pipelined_programs(4096, 132) == 132        # B=128: 4 x 32 + 128 x 31 stays
+    assert pipelined_programs(132, 132) == 132 and pipelined_programs(40, 132) == 40
+    assert pipelined_programs(1000, 132) == 125 and pipelined_programs(1204, 132) == 132
+    for items in range(1, 3000, 7):
+        programs = pipelined_programs(items, 132)
+        assert programs <= min(items, 132) and -(-items // programs) == -(-items // min(items, 132))

@@ -67,10 +67,12 @@ def test_tunables_give_the_same_result(form, blocks, lanes, maxnreg, slots, b):
 
 
 @pytest.mark.parametrize("b, slots, loader_warps", [(1, 2, 1), (33, 2, 4), (67, 3, 1), (301, 2, 1), (301, 3, 4),
-                                                     (134, 2, 4), (1, 3, 1), (33, 3, 1), (301, 3, 1)])
+                                                     (134, 2, 4), (1, 3, 1), (33, 3, 1), (301, 3, 1), (250, 3, 4),
+                                                     (250, 2, 1)])
 def test_pipelined_form_item_counts(b, slots, loader_warps):
     """The pipelined form with 1 to 10 items per program (H = 4: 4 to 1204 items on the GPU's SMs), so that
-    each solver gets none, one or several items and the buffer ring turns over many times."""
+    each solver gets none, one or several items and the buffer ring turns over many times; b = 250 (1000 items)
+    runs on fewer programs than SMs on an H200 (``pipelined_programs``: 125 of 8)."""
     args = decode_inputs(11, b=b, d=128, g_kk=b % 2 == 1)
     got = run_gluon(args, 10, form="pipelined", slots=slots, loader_warps=loader_warps)
     assert_close(got, run(reference.gka_decode, args, 10), 1e-5)
@@ -92,6 +94,7 @@ def test_mirror_reads_only_the_upper_triangle(b, num_iter):
 
 @pytest.mark.parametrize("b, num_iter, mode, mirror, slots", [
     (1, 30, True, False, 3), (33, 10, True, True, 3), (301, 30, True, False, 3), (67, 0, True, False, 2),
+    (250, 30, True, False, 3),
     (40, 29, True, False, 2), (301, 10, True, True, 3), (134, 30, True, False, 3),
     (1, 30, "readback", False, 3), (33, 10, "readback", False, 3), (67, 0, "readback", False, 3),
     (134, 29, "readback", False, 3), (301, 30, "readback", False, 3),
