@@ -16,6 +16,11 @@ Options (constexprs, chosen by ``gluon_decode.gka_decode``):
 - VALUE: a third partition (``_ws_value``) takes h_kv and o off the solvers, which hand it q'.
 - SPREAD: h_kk' stored in parts over the solve (``gluon_decode_math._solve``).
 - AHEAD: each solver loads its next item's inputs during the current item.
+- TMA (an option, measured slower): the loader copies each tile with one TMA tensor copy, through descriptors
+  made on the device in ``scratch_ptr`` (``gluon_call.route_global_scratch``).
+
+The grid (``gluon_decode.pipelined_programs``): one program per SM, or fewer when most programs would take one
+item more than the rest (B = 32, H = 32 on 132 SMs: 128 programs of 8 items).
 """
 
 from __future__ import annotations
